@@ -1,0 +1,68 @@
+"""One error hierarchy. Every message says what is wrong and what to do next.
+
+Classes also subclass the builtin they refine (as zarr-python does), so callers that
+catch ``KeyError`` or ``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+
+class BackbenchError(Exception):
+    """Base class: the CLI prints ``str(err)`` on one line and exits non-zero."""
+
+    exit_code = 1
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class BackboneNotFound(BackbenchError, KeyError):
+    """A backbone name or source that no registry knows."""
+
+
+class WeightsError(BackbenchError, ValueError):
+    """Weights that cannot be found, read or matched to the architecture."""
+
+
+class DataSourceError(BackbenchError, ValueError):
+    """A data source that is missing, empty or malformed."""
+
+
+class SampleError(BackbenchError, ValueError):
+    """One sample (an image file) that cannot be decoded."""
+
+
+class CacheError(BackbenchError):
+    """A feature cache that cannot be opened or written as asked."""
+
+
+class GroupNotFound(CacheError, KeyError):
+    """A (backbone, dataset, split) group that the cache does not hold."""
+
+
+class CacheMismatch(CacheError, ValueError):
+    """An existing group made with other weights, preprocessing or data."""
+
+
+class IncompleteGroup(CacheError):
+    """A group whose extraction has not finished."""
+
+
+class ProbeInputError(BackbenchError, ValueError):
+    """Inputs to a probe that cannot give a meaningful result."""
+
+
+class MissingDependency(BackbenchError, ImportError):
+    """An optional package that is not installed."""
+
+
+def require(module: str, package: str | None = None):
+    """Import ``module`` or raise :class:`MissingDependency` naming the pip package."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependency(
+            f"{module} is not installed: run `pip install {package or module}`"
+        ) from exc

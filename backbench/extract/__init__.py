@@ -1,0 +1,1 @@
+"""Backbones, data sources and the extraction loop."""

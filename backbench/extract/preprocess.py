@@ -1,0 +1,78 @@
+"""Preprocessing as data: what turns an image into a backbone's input.
+
+Workers only decode, resize and crop to ``uint8``; normalization happens on the device
+(:meth:`Preprocess.normalize`), so a batch crosses to the GPU at a quarter of the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to ``floor(size / crop_pct)``, center-crop, normalize."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            object.__setattr__(self, "interpolation", "bicubic")
+
+    @classmethod
+    def from_timm(cls, data_config: dict[str, Any]) -> Preprocess:
+        return cls(
+            input_size=tuple(int(v) for v in data_config["input_size"]),
+            mean=tuple(float(v) for v in data_config["mean"]),
+            std=tuple(float(v) for v in data_config["std"]),
+            interpolation=str(data_config.get("interpolation", "bicubic")),
+            crop_pct=float(data_config.get("crop_pct", 0.875)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(
+            input_size=tuple(d["input_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d["interpolation"],
+            crop_pct=float(d["crop_pct"]),
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.input_size[1]), int(self.input_size[2])
+
+    def to_uint8(self):
+        """A picklable transform PIL image -> ``uint8`` CHW tensor (runs in workers)."""
+        from torchvision.transforms import v2
+
+        h, w = self.size
+        scale = math.floor(min(h, w) / self.crop_pct)
+        interp = v2.InterpolationMode(self.interpolation)
+        return v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize(scale, interpolation=interp, antialias=True),
+                v2.CenterCrop((h, w)),
+            ]
+        )
+
+    def normalize(self, x):
+        """``uint8`` NCHW on any device -> normalized float32 in the same layout."""
+        import torch
+
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255.0
+        return (x.float() - mean) / std

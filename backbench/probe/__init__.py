@@ -1,0 +1,1 @@
+"""Probes on cached features: linear, few-shot, kNN, retrieval, OOD."""

@@ -1,0 +1,1 @@
+"""Results log, leaderboard aggregation and plots."""
