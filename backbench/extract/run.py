@@ -261,8 +261,9 @@ def extract(
         if not group.attrs.get("complete") and group.is_complete:
             group.finalize()
         return result
+    device = resolve_device(device)
     started = time.perf_counter()
-    skipped = run_batches(model, group, src, batches, device=resolve_device(device),
+    skipped = run_batches(model, group, src, batches, device=device,
                           workers=os.cpu_count() or 1 if workers is None else workers,
                           on_error=on_error, progress=progress)
     seconds = time.perf_counter() - started

@@ -44,7 +44,7 @@ def check_name(kind: str, value: str) -> str:
 def backbone_slug(name: str) -> str:
     """A folder name for a backbone; weights paths become their stem plus a short hash."""
     core, at, weights = name.partition("@")
-    slug = re.sub(r"[^A-Za-z0-9._+-]", "_", core.replace(":", "~").replace("/", "~"))
+    slug = re.sub(r"[^A-Za-z0-9._+~-]", "_", core.replace(":", "~").replace("/", "~"))
     if at:
         if re.match(r"^[A-Za-z0-9._+-]+$", weights) and "/" not in weights:
             slug += f"@{weights}"

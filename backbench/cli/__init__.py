@@ -1,0 +1,96 @@
+"""The ``backbench`` command line: the only place that prints, parses or sets exit codes.
+
+Commands live in sibling modules, one per stage; this module holds the app, the shared
+options and the output helpers (tables, ``--json``, one-line errors).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from backbench.errors import BackbenchError
+
+app = typer.Typer(
+    name="backbench",
+    help="Which pretrained vision backbone should I build on? Extract features once into a Zarr "
+    "cache, then probe, kNN, OOD and rank backbones from it.\n\n"
+    "Example:  backbench extract timm:resnet18@random --data digits --dataset digits --split train",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+_WIDTH = None if sys.stdout.isatty() else 200  # pipes and CI logs get whole names, not "…"
+out = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+CacheOpt = typer.Option(None, "--cache", envvar="BACKBENCH_CACHE",
+                        help="Feature cache (default: $BACKBENCH_CACHE, else ./features.zarr).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    """Global options."""
+
+
+def emit_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+def table(rows: Iterable[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
+    """A readable table of dict rows; booleans become check marks."""
+    t = Table(title=title, header_style="bold")
+    for c in columns:
+        t.add_column(c, justify="right" if c in ("n", "d", "N", "D", "rows") else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*[_cell(r.get(c)) for c in columns])
+    out.print(t)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "[green]✓[/]" if v else "[red]✗[/]"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _register_commands() -> None:
+    from backbench.cli import cache_cmds  # noqa: F401
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: one-line errors, non-zero exit codes, tracebacks only with --debug."""
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    _register_commands()
+    try:
+        app(args=args, standalone_mode=False, prog_name="backbench")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("[yellow]interrupted:[/] finished chunks and records are kept; rerun the same command to resume")
+        sys.exit(130)
+    except BackbenchError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # unexpected: still one line unless --debug
+        if debug:
+            raise
+        err.print(f"[red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)")
+        sys.exit(1)

@@ -1,0 +1,193 @@
+"""Commands that build and inspect the cache: models, extract, ls, info, export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from backbench.cli import CacheOpt, JsonOpt, app, emit_json, err, out, table
+from backbench.errors import BackbenchError
+
+
+@app.command()
+def models(
+    pattern: Optional[str] = typer.Argument(None, help="Substring or glob to filter names, e.g. 'vit_*'."),
+    source: Optional[str] = typer.Option(None, "--source", help="Only this source: timm, open_clip."),
+    limit: int = typer.Option(200, "--limit", help="At most this many names."),
+    json_: bool = JsonOpt,
+) -> None:
+    """List backbones that can be named; ✓ marks weights already on this machine.
+
+    Example:  backbench models --source timm 'efficientnet_lite*'
+    """
+    from backbench.extract.backbones import SOURCES, _ensure_sources
+    from backbench.extract.catalog import catalog, on_machine
+
+    _ensure_sources()
+    if source is not None and source not in SOURCES:
+        raise BackbenchError(f"unknown source {source!r}; sources: {', '.join(sorted(SOURCES))}")
+    rows = catalog(source, pattern, limit) if (pattern or source) else on_machine()
+    if json_:
+        return emit_json(rows)
+    table(rows, ["name", "on_machine", "weights"], title="backbones")
+    if not (pattern or source):
+        out.print("Also any timm or open_clip architecture with @random (random init) or @PATH (local weights),\n"
+                  "e.g. timm:resnet18@random, open_clip:ViT-B-32@random. Browse: backbench models --source timm vit")
+
+
+def _parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        assert 0 <= i < n
+        return i, n
+    except Exception:
+        raise BackbenchError(f"--shard {shard!r} must be I/N with 0 <= I < N, e.g. 0/4") from None
+
+
+class _LazyBar:
+    """A rich progress bar with images/s that appears only once there is work to show."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.task, self.t0 = label, None, None, 0.0
+
+    def __enter__(self) -> _LazyBar:
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=err)
+            self.bar.start()
+            self.task, self.t0 = self.bar.add_task(self.label, total=total, rate="-"), time.perf_counter()
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def extract(
+    backbones: List[str] = typer.Argument(..., help="One or more SOURCE:ID[@WEIGHTS] names."),
+    data: str = typer.Option(..., "--data", help="imagefolder:PATH, csv:PATH or digits."),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name in the cache, e.g. cifar10."),
+    split: str = typer.Option(..., "--split", help="Split name in the cache, e.g. train."),
+    cache: Optional[str] = CacheOpt,
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: cores)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N samples."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a group made differently."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1, help="Rows per Zarr chunk."),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: extract only the chunks of shard I."),
+    on_error: str = typer.Option("fail", "--on-error", help="fail or skip an unreadable image."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Extract frozen-backbone features into the cache; reruns resume and skip finished work.
+
+    Example:  backbench extract timm:tf_efficientnet_lite0@local timm:resnet18@random --data digits --dataset digits --split train
+    """
+    from backbench.extract.backbones import resolve
+    from backbench.extract.data import open_source
+    from backbench.extract.run import extract as run
+    from backbench.store import Cache
+
+    if dtype not in ("float16", "float32"):
+        raise BackbenchError(f"--dtype {dtype!r}: use float16 or float32")
+    if on_error not in ("fail", "skip"):
+        raise BackbenchError(f"--on-error {on_error!r}: use fail or skip")
+    for name in backbones:  # fail fast on typos before any model loads
+        resolve(name)
+    source, store = open_source(data, split), Cache(cache)
+    results = []
+    for name in backbones:
+        with _LazyBar(f"{name} {dataset}/{split}") as bar:
+            res = run(name, source, cache=store, dataset=dataset, split=split, batch_size=batch_size,
+                      device=device, dtype=dtype, workers=workers, limit=limit, overwrite=overwrite,
+                      chunk_rows=chunk_rows, shard=_parse_shard(shard), on_error=on_error, progress=bar)
+        results.append(res.to_dict())
+        if not json_:
+            _say_extracted(res)
+    if json_:
+        emit_json(results)
+
+
+def _say_extracted(res) -> None:
+    if res.status == "up-to-date":
+        out.print(f"{res.backbone} {res.dataset}/{res.split}: already complete ({res.n} rows), nothing to do")
+    else:
+        out.print(f"{res.backbone} {res.dataset}/{res.split}: {res.status} {res.rows_written} rows "
+                  f"in {res.seconds:.1f}s ({res.images_per_s:.1f} img/s)"
+                  + (f", skipped {len(res.skipped)}" if res.skipped else ""))
+
+
+@app.command("ls")
+def ls_(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
+    """List the cache's groups: backbone × dataset × split × N × D × complete.
+
+    Example:  backbench ls --cache features.zarr
+    """
+    from backbench.store import Cache
+
+    store = Cache(cache, mode="r")
+    rows = [g.summary() for g in store.groups()]
+    if json_:
+        return emit_json(rows)
+    if not rows:
+        out.print(f"{store.path}: empty; fill it with `backbench extract`")
+        return
+    for r in rows:
+        r["N"], r["D"] = r["n"], r["dim"]
+        r["rows"] = r["rows_done"]
+    table(rows, ["backbone", "dataset", "split", "N", "D", "dtype", "rows", "logits", "complete"],
+          title=str(store.path))
+
+
+@app.command()
+def info(
+    backbone: str = typer.Argument(..., help="Backbone name as extracted."),
+    dataset: str = typer.Argument(...),
+    split: str = typer.Argument(...),
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Show one group's provenance: weights hash, preprocessing, dataset fingerprint, versions.
+
+    Example:  backbench info timm:resnet18@random digits train
+    """
+    from backbench.store import Cache
+
+    group = Cache(cache, mode="r").group(backbone, dataset, split)
+    attrs = {**group.attrs, **group.summary()}
+    if json_:
+        return emit_json(attrs)
+    rows = [{"key": k, "value": v if not isinstance(v, (list, dict)) or len(str(v)) < 100 else f"{str(v)[:97]}..."}
+            for k, v in attrs.items() if k not in ("skipped",)]
+    table(rows, ["key", "value"], title=group.path)
+    for s in attrs.get("skipped", []):
+        out.print(f"skipped {s['id']}: {s['error']}")
+
+
+@app.command()
+def export(
+    to: Path = typer.Option(..., "--to", help="Target HDF5 file, e.g. features.h5."),
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Copy the cache into one HDF5 file (h5py): same arrays, attributes as JSON.
+
+    Example:  backbench export --to features.h5
+    """
+    from backbench.store import Cache
+    from backbench.store.export import export_h5
+
+    written = export_h5(Cache(cache, mode="r"), to)
+    if json_:
+        return emit_json({"file": str(to), "groups": written})
+    out.print(f"wrote {len(written)} group(s) to {to}")

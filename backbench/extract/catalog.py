@@ -1,0 +1,54 @@
+"""What can be named: each source's ids, and which weights are already on this machine."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from backbench.extract.backbones import SOURCES, _ensure_sources
+
+
+def _hub_cached() -> set[str]:
+    """Hugging Face hub repos already in the local cache (timm weights live there)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return {repo.repo_id for repo in scan_cache_dir().repos}
+    except Exception:
+        return set()
+
+
+def _match(name: str, pattern: str | None) -> bool:
+    if not pattern:
+        return True
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatch(name, pattern)
+    return pattern.lower() in name.lower()
+
+
+def on_machine() -> list[dict[str, Any]]:
+    """Backbones whose weights need no download: known packages and the hub cache."""
+    _ensure_sources()
+    rows = [{"name": name, "on_machine": True, "weights": note}
+            for src in SOURCES.values() for name, note in src.on_machine()]
+    for repo in sorted(_hub_cached()):
+        if repo.startswith("timm/"):
+            rows.append({"name": f"timm:{repo[5:]}", "on_machine": True, "weights": "Hugging Face hub cache"})
+    return rows
+
+
+def catalog(source: str | None = None, pattern: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Names of ``source`` (or every source) matching ``pattern`` (substring or glob)."""
+    _ensure_sources()
+    ready = {r["name"]: r for r in on_machine()}
+    rows: list[dict[str, Any]] = [r for r in ready.values() if _match(r["name"], pattern)
+                                  and (source is None or r["name"].startswith(source + ":"))]
+    for name in sorted(SOURCES) if source is None else [source]:
+        for ident in SOURCES[name].list_ids():
+            full = f"{name}:{ident}"
+            if full not in ready and _match(full, pattern):
+                rows.append({"name": full, "on_machine": False,
+                             "weights": "download from the hub; or @random / @PATH"})
+            if len(rows) >= limit:
+                return rows
+    return rows
