@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+DEMO_CACHE ?= demo.zarr
+DEMO_BACKBONES ?= timm:tf_efficientnet_lite0@local timm:tf_efficientnet_lite0@random
+
 demo: $(STAMP)
-	$(BIN)/backbench demo
+	$(BIN)/backbench extract $(DEMO_BACKBONES) --data digits --dataset digits --split train --cache $(DEMO_CACHE)
+	$(BIN)/backbench extract $(DEMO_BACKBONES) --data digits --dataset digits --split test --cache $(DEMO_CACHE)
+	$(BIN)/backbench ls --cache $(DEMO_CACHE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -26,4 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) features.zarr
+	rm -rf $(VENV) features.zarr $(DEMO_CACHE)
