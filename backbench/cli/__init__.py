@@ -64,14 +64,35 @@ def _cell(v: Any) -> str:
 
 
 def _register_commands() -> None:
-    from backbench.cli import cache_cmds  # noqa: F401
+    from backbench.cli import cache_cmds, probe_cmds  # noqa: F401
+
+
+MULTI_VALUE = {"--shots", "-k", "--ks", "--C", "--ood", "--scores", "--shifted", "--layers"}
+
+
+def expand_multi(args: list[str]) -> list[str]:
+    """``--shots 1 2 4`` -> ``--shots 1 --shots 2 --shots 4`` (click options take one value)."""
+    out_args: list[str] = []
+    flag = None
+    for a in args:
+        if a in MULTI_VALUE:
+            flag = a
+            out_args.append(a)
+            continue
+        if flag and out_args[-1] != flag and not a.startswith("-"):
+            out_args += [flag, a]
+            continue
+        if a.startswith("-"):
+            flag = None
+        out_args.append(a)
+    return out_args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one-line errors, non-zero exit codes, tracebacks only with --debug."""
     import click
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = expand_multi(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     _register_commands()
     try:

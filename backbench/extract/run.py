@@ -20,6 +20,7 @@ import numpy as np
 from backbench.errors import CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
+from backbench.provenance import library_versions
 from backbench.store.cache import Cache
 from backbench.store.group import PROVENANCE_KEYS, FeatureGroup
 
@@ -41,18 +42,6 @@ class ExtractResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("backbench", "torch", "torchvision", "timm", "open_clip_torch", "zarr", "numpy", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -1,0 +1,123 @@
+"""Commands on cached features: probe (linear and few-shot) and results."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+from backbench.cli import CacheOpt, JsonOpt, app, emit_json, out, table
+from backbench.errors import BackbenchError
+
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+ForceOpt = typer.Option(False, "--force", help="Recompute even if the results log has this record.")
+CompleteOpt = typer.Option(False, "--complete-only", help="Use the finished rows of an incomplete group.")
+
+
+def parse_grid(text: Optional[List[str]]) -> Optional[list[float]]:
+    """``--C 0.01 0.1 1`` or ``--C 0.01,0.1,1`` or ``--C log:-4:4:13`` (10**linspace)."""
+    if not text:
+        return None
+    items = [p for t in text for p in t.split(",") if p]
+    try:
+        if len(items) == 1 and items[0].startswith("log:"):
+            lo, hi, num = items[0][4:].split(":")
+            return (10.0 ** np.linspace(float(lo), float(hi), int(num))).tolist()
+        grid = [float(v) for v in items]
+    except ValueError:
+        raise BackbenchError(f"--C {' '.join(text)!r}: give numbers (0.1 1 10) or log:LO:HI:NUM") from None
+    if any(c <= 0 for c in grid):
+        raise BackbenchError("--C values must be positive")
+    return grid
+
+
+def probe_device(device: str) -> str:
+    from backbench.extract.run import resolve_device
+
+    return resolve_device(device)
+
+
+def _metrics_row(record: dict, reused: bool) -> dict:
+    m = record["metrics"]
+    return {"task": record["task"], "shots": record["params"].get("shots", "all"), "seed": record["seed"],
+            "C": record["chosen_C"], "top1": m["top1"], "top5": m.get("top5"), "mean_per_class": m["mean_per_class"],
+            "log_loss": m["log_loss"], "ece": m["ece"], "reused": reused}
+
+
+@app.command()
+def probe(
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
+    dataset: str = typer.Option(..., "--dataset", "-d"),
+    train: str = typer.Option(..., "--train", help="Split to fit on."),
+    eval_: str = typer.Option(..., "--eval", help="Split to evaluate on (never used for selection)."),
+    val: Optional[str] = typer.Option(None, "--val", help="Split to select C on (default: 10% of train)."),
+    C: Optional[List[str]] = typer.Option(None, "--C", help="C grid: 0.01 0.1 1, or log:-4:4:13."),
+    shots: Optional[List[int]] = typer.Option(None, "--shots", help="Few-shot: K images per class, e.g. 1 2 4 8 16."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Few-shot draws per K."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    complete_only: bool = CompleteOpt,
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Linear probe (L2 logistic regression, C swept) or few-shot probe on cached features.
+
+    Example:  backbench probe -b timm:resnet18@random -d digits --train train --eval test --shots 1 5 10
+    """
+    from backbench.probe.tasks import run_few_shot, run_probe, summarize_few_shot
+    from backbench.store import Cache
+
+    store, grid, dev = Cache(cache), parse_grid(C), probe_device(device)
+    common = dict(val=val, Cs=grid, device=dev, force=force, complete_only=complete_only)
+    if shots:
+        pairs = run_few_shot(store, backbone, dataset, train, eval_, shots=shots, seeds=seeds, **common)
+    else:
+        pairs = [run_probe(store, backbone, dataset, train, eval_, **common)]
+    if json_:
+        return emit_json([{**r, "reused": reused} for r, reused in pairs])
+    table([_metrics_row(r, reused) for r, reused in pairs],
+          ["task", "shots", "seed", "C", "top1", "top5", "mean_per_class", "log_loss", "ece", "reused"],
+          title=f"{backbone} on {dataset}: train {train}, eval {eval_}")
+    if shots:
+        table(summarize_few_shot([r for r, _ in pairs]), ["shots", "top1_mean", "top1_std", "seeds"],
+              title="few-shot top-1, mean ± std over seeds")
+
+
+@app.command()
+def results(
+    task: Optional[str] = typer.Option(None, "--task", help="Only this task (probe, fewshot, knn, ...)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b"),
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """List the results log's records.
+
+    Example:  backbench results --task probe --json
+    """
+    from backbench.report.results import ResultsLog
+    from backbench.store import Cache
+
+    rows = [r for r in ResultsLog(Cache(cache, mode="r")).records()
+            if (task is None or r["task"] == task) and (backbone is None or r["backbone"] == backbone)]
+    if json_:
+        return emit_json(rows)
+    view = [{"task": r["task"], "backbone": r["backbone"], "dataset": r["dataset"],
+             "splits": " ".join(f"{k}={v}" for k, v in r["splits"].items() if v),
+             "params": _params(r), "seed": r["seed"], "main": _main_metric(r), "wall_s": r["wall_s"],
+             "created": r["created"]} for r in rows]
+    table(view, ["task", "backbone", "dataset", "splits", "params", "seed", "main", "wall_s", "created"],
+          title=f"{len(rows)} record(s)")
+
+
+def _params(r: dict) -> str:
+    p = {k: v for k, v in r.get("params", {}).items() if k not in ("Cs",)}
+    return " ".join(f"{k}={v}" for k, v in p.items())
+
+
+def _main_metric(r: dict) -> str:
+    m = r.get("metrics", {})
+    for key in ("top1", "mAP", "auroc"):
+        if key in m:
+            return f"{key}={m[key]:.4f}"
+    return ""
