@@ -68,7 +68,7 @@ def probe(
     from backbench.probe.tasks import run_few_shot, run_probe, summarize_few_shot
     from backbench.store import Cache
 
-    store, grid, dev = Cache(cache), parse_grid(C), probe_device(device)
+    store, grid, dev = Cache(cache, mode="r+"), parse_grid(C), probe_device(device)
     common = dict(val=val, Cs=grid, device=dev, force=force, complete_only=complete_only)
     if shots:
         pairs = run_few_shot(store, backbone, dataset, train, eval_, shots=shots, seeds=seeds, **common)
@@ -121,3 +121,72 @@ def _main_metric(r: dict) -> str:
         if key in m:
             return f"{key}={m[key]:.4f}"
     return ""
+
+
+@app.command()
+def knn(
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
+    dataset: str = typer.Option(..., "--dataset", "-d"),
+    train: str = typer.Option(..., "--train", help="Split that votes (the index)."),
+    eval_: str = typer.Option(..., "--eval", help="Split to classify."),
+    k: Optional[List[int]] = typer.Option(None, "-k", help="Neighbour counts, e.g. 10 20 100 200 (one search)."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Vote weight exp(sim / T)."),
+    shots: Optional[List[int]] = typer.Option(None, "--shots", help="Few-shot: K train images per class."),
+    seeds: int = typer.Option(3, "--seeds", min=1),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    complete_only: bool = CompleteOpt,
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Weighted kNN classification (DINO's vote, cosine similarity, faiss) on cached features.
+
+    Example:  backbench knn -b timm:resnet18@random -d digits --train train --eval test -k 10 20
+    """
+    from backbench.probe.neighbour_tasks import run_knn
+    from backbench.store import Cache
+
+    pairs = run_knn(Cache(cache, mode="r+"), backbone, dataset, train, eval_, ks=k or (10, 20, 100, 200),
+                    temperature=temperature, shots=shots, seeds=seeds, device=probe_device(device), force=force,
+                    complete_only=complete_only)
+    if json_:
+        return emit_json([{**r, "reused": reused} for r, reused in pairs])
+    ks = pairs[0][0]["params"]["ks"]
+    rows = [{"shots": r["params"].get("shots", "all"), "seed": r["seed"], "reused": reused,
+             **{f"top1@{x}": r["metrics"][f"top1@{x}"] for x in ks},
+             **{f"top5@{x}": r["metrics"].get(f"top5@{x}") for x in ks}} for r, reused in pairs]
+    table(rows, ["shots", "seed", *[f"top1@{x}" for x in ks], *[f"top5@{x}" for x in ks], "reused"],
+          title=f"kNN {backbone} on {dataset}: train {train}, eval {eval_}")
+
+
+@app.command()
+def retrieve(
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
+    dataset: str = typer.Option(..., "--dataset", "-d"),
+    query: str = typer.Option(..., "--query", help="Split of queries."),
+    gallery: str = typer.Option(..., "--gallery", help="Split to search (same split: self excluded)."),
+    ks: Optional[List[int]] = typer.Option(None, "--ks", help="Cut-offs for P@k and R@k, e.g. 1 5 10."),
+    index: str = typer.Option("flat", "--index", help="flat (exact), ivf or hnsw (approximate)."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    complete_only: bool = CompleteOpt,
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Image retrieval (relevant = same label): mAP, precision@k, recall@k, MRR.
+
+    Example:  backbench retrieve -b timm:resnet18@random -d digits --query test --gallery train --ks 1 5 10
+    """
+    from backbench.probe.neighbour_tasks import run_retrieval
+    from backbench.store import Cache
+
+    if index not in ("flat", "ivf", "hnsw"):
+        raise BackbenchError(f"--index {index!r}: use flat, ivf or hnsw")
+    record, reused = run_retrieval(Cache(cache, mode="r+"), backbone, dataset, query, gallery, ks=ks or (1, 5, 10), index=index,
+                                   device=probe_device(device), force=force, complete_only=complete_only)
+    if json_:
+        return emit_json({**record, "reused": reused})
+    m = record["metrics"]
+    rows = [{"metric": key, "value": value} for key, value in m.items() if isinstance(value, float)]
+    table(rows, ["metric", "value"], title=f"retrieval {backbone} on {dataset}: {query} -> {gallery}"
+          + (" (reused)" if reused else ""))

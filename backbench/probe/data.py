@@ -33,11 +33,16 @@ class Split:
 
 
 def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complete_only: bool = False,
-               logits: bool = False) -> Split:
-    """Read a group as float32; skipped samples (label -1) are dropped; NaN/inf is refused."""
+               logits: bool = False, features: bool = True) -> Split:
+    """Read a group as float32; skipped samples (label -1) are dropped; NaN/inf is refused.
+
+    ``features=False`` reads labels only (X is an empty placeholder) for callers that stream.
+    """
     group = cache.group(backbone, dataset, split)
-    X = group.features(complete_only=complete_only, dtype=np.float32)
     y = group.labels(complete_only=complete_only)
+    if not features:
+        return Split(np.zeros((len(y), 0), np.float32), y, list(group.attrs["classes"]), group, split)
+    X = group.features(complete_only=complete_only, dtype=np.float32)
     L = group.logits(complete_only=complete_only, dtype=np.float32) if logits and group.has_logits else None
     keep = y >= 0
     if not keep.all():

@@ -55,7 +55,11 @@ def backbone_slug(name: str) -> str:
 
 
 class Cache:
-    """A feature cache at a local path (or, via zarr's fsspec store, a URL)."""
+    """A feature cache at a local path (or, via zarr's fsspec store, a URL).
+
+    ``mode``: "a" creates the cache if needed (extraction), "r+" needs it to exist (probes,
+    which write results), "r" reads only.
+    """
 
     def __init__(self, path: str | os.PathLike | None = None, *, mode: str = "a") -> None:
         import zarr
@@ -65,7 +69,7 @@ class Cache:
         if "://" not in self.path:
             if local.exists() and not local.is_dir():
                 raise CacheError(f"cache path {self.path!r} is a file; give a folder such as features.zarr")
-            if mode == "r" and not (local / "zarr.json").exists():
+            if mode in ("r", "r+") and not (local / "zarr.json").exists():
                 raise CacheError(
                     f"no feature cache at {self.path!r}; run `backbench extract` first or pass --cache"
                 )
