@@ -82,3 +82,21 @@ def test_open_source_errors():
         open_source("csv", "train")
     with pytest.raises(DataSourceError, match="splits train, test"):
         open_source("digits", "val")
+
+
+def test_digits_shifted_keeps_classes_and_ids_of_test():
+    test, shifted = Digits("test"), Digits("shifted")
+    assert shifted.ids == test.ids and shifted.classes == test.classes
+    assert shifted.fingerprint() != test.fingerprint()
+    a, b = np.asarray(test.load(0)), np.asarray(shifted.load(0))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_textures_are_reproducible_per_split():
+    from backbench.extract.data import Textures
+
+    a, b, c = Textures("test"), Textures("test"), Textures("val")
+    assert len(a) == 200 and a.classes[0] == "stripes"
+    assert np.array_equal(np.asarray(a.load(7)), np.asarray(b.load(7)))
+    assert not np.array_equal(np.asarray(a.load(7)), np.asarray(c.load(7)))
+    assert open_source("textures", "x").load(0).mode == "RGB"

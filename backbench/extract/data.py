@@ -127,9 +127,13 @@ class CsvSource(_FileSource):
 
 
 class Digits(ImageSource):
-    """scikit-learn's bundled 8x8 digits, upscaled to 32x32, with a fixed seeded split."""
+    """scikit-learn's bundled 8x8 digits, upscaled to 32x32, with a fixed seeded split.
 
-    SPLITS = ("train", "test")
+    ``shifted`` is the test split under a distribution shift with the same classes
+    (inverted contrast, rotated 20 degrees, blurred): an ImageNet-R-style test for the probe.
+    """
+
+    SPLITS = ("train", "test", "shifted")
 
     def __init__(self, split: str) -> None:
         from sklearn.datasets import load_digits
@@ -142,6 +146,7 @@ class Digits(ImageSource):
             np.arange(len(data.target)), test_size=0.3, stratify=data.target, random_state=0
         )
         self._index = np.sort(train if split == "train" else test)
+        self._shifted = split == "shifted"
         self._images = data.images[self._index]
         self.spec = f"digits:{split}"
         self.ids = [str(i) for i in self._index]
@@ -151,29 +156,79 @@ class Digits(ImageSource):
     def load(self, index: int):
         from PIL import Image
 
+        from PIL import ImageFilter
+
         pixels = np.clip(self._images[index] * (255.0 / 16.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
+        img = Image.fromarray(pixels, mode="L").resize((32, 32), Image.BILINEAR)
+        if self._shifted:
+            img = Image.fromarray(255 - np.asarray(img)).rotate(20, resample=Image.BILINEAR, fillcolor=255)
+            img = img.filter(ImageFilter.GaussianBlur(1))
+        return img.convert("RGB")
 
     def _fingerprint_extra(self) -> Any:
-        return hashlib.sha256(self._images.tobytes()).hexdigest()
+        return [hashlib.sha256(self._images[: len(self.ids)].tobytes()).hexdigest(), self._shifted]
+
+
+class Textures(ImageSource):
+    """Generated far-OOD images: stripes, checkers, rings, blobs and noise (no download).
+
+    ``split`` seeds the generator, so every split is a different, reproducible set of 200.
+    """
+
+    KINDS = ("stripes", "checkers", "rings", "blobs", "noise")
+    PER_CLASS = 40
+
+    def __init__(self, split: str) -> None:
+        self.spec, self.split = f"textures:{split}", split
+        self.classes = list(self.KINDS)
+        self.ids = [f"{k}/{i}" for k in self.KINDS for i in range(self.PER_CLASS)]
+        self.labels = np.repeat(np.arange(len(self.KINDS)), self.PER_CLASS).astype(np.int64)
+
+    def load(self, index: int):
+        from PIL import Image
+
+        kind, i = self.ids[index].split("/")
+        seed = int(hashlib.sha256(f"{self.split}/{kind}/{i}".encode()).hexdigest()[:8], 16)
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:64, 0:64] / 64.0
+        freq, phase, angle = rng.uniform(2, 10), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+        u = xx * np.cos(angle) + yy * np.sin(angle)
+        if kind == "stripes":
+            g = np.sin(2 * np.pi * freq * u + phase)
+        elif kind == "checkers":
+            g = np.sign(np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy + phase))
+        elif kind == "rings":
+            cx, cy = rng.uniform(0.2, 0.8, 2)
+            g = np.sin(2 * np.pi * freq * np.hypot(xx - cx, yy - cy) + phase)
+        elif kind == "blobs":
+            g = sum(np.exp(-((xx - a) ** 2 + (yy - b) ** 2) / rng.uniform(0.002, 0.02))
+                    for a, b in rng.uniform(0, 1, (6, 2)))
+        else:
+            g = rng.normal(size=xx.shape)
+        g = (g - g.min()) / (np.ptp(g) + 1e-9)
+        color = rng.uniform(0.2, 1.0, 3)
+        rgb = (g[..., None] * color * 255).astype(np.uint8)
+        return Image.fromarray(rgb, mode="RGB")
 
 
 SOURCE_KINDS: dict[str, Callable[[str, str], ImageSource]] = {
     "imagefolder": lambda arg, split: ImageFolder(arg),
     "csv": lambda arg, split: CsvSource(arg),
     "digits": lambda arg, split: Digits(split),
+    "textures": lambda arg, split: Textures(split),
 }
+BUILTIN = ("digits", "textures")
 
 
 def open_source(spec: str, split: str) -> ImageSource:
-    """Open a data source from ``KIND:ARG`` (``digits`` needs no argument)."""
+    """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none)."""
     kind, _, arg = spec.partition(":")
     factory = SOURCE_KINDS.get(kind)
     if factory is None:
         raise DataSourceError(
             f"unknown data source {kind!r} in {spec!r}; use one of "
-            + ", ".join(f"{k}:PATH" if k != "digits" else k for k in SOURCE_KINDS)
+            + ", ".join(f"{k}:PATH" if k not in BUILTIN else k for k in SOURCE_KINDS)
         )
-    if kind != "digits" and not arg:
+    if kind not in BUILTIN and not arg:
         raise DataSourceError(f"data source {kind}: needs a path, e.g. {kind}:/data/train")
     return factory(arg, split)
