@@ -1,0 +1,142 @@
+"""The battle (config -> every stage) and the report (results -> leaderboard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from backbench.cli import CacheOpt, JsonOpt, app, emit_json, err, out, table
+from backbench.errors import BackbenchError
+
+
+def report_path(cache_path: str) -> Path:
+    p = Path(cache_path.rstrip("/"))
+    return p.with_name(p.name.removesuffix(".zarr") + "-report.html")
+
+
+@app.command()
+def battle(
+    config: Optional[Path] = typer.Argument(None, help="TOML config; none runs the built-in digits battle."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache (default: the config's, else battle.zarr)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides the config)."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the built-in default config and exit."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Run every stage for backbones × datasets × tasks and rank the backbones.
+
+    Extracts only what the cache lacks and runs only the records the results log lacks, so an
+    interrupted battle finishes when rerun. A failing cell is reported; the rest still runs.
+
+    Example:  backbench battle            (the built-in default: EfficientNet-Lite on digits)
+    """
+    from dataclasses import replace
+
+    from backbench.battle.config import DEFAULT_TOML, load_config
+    from backbench.battle.run import plan, run_battle
+    from backbench.store import Cache
+
+    if show_config:
+        out.print(DEFAULT_TOML, markup=False)
+        return
+    cfg = load_config(config)
+    if device:
+        cfg = replace(cfg, device=device)
+    store = Cache(cache or cfg.cache or "battle.zarr")
+    cells = plan(cfg)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=err) as bar:
+        overall = bar.add_task("battle", total=len(cells), detail="")
+        inner = bar.add_task("images", total=None, detail="", visible=False)
+
+        def start(cell, i):
+            bar.update(overall, description=f"{cell.stage}", detail=f"{cell.backbone} {cell.dataset} {cell.split}")
+            bar.update(inner, visible=False, completed=0)
+
+        def images(done, total):
+            bar.update(inner, visible=True, completed=done, total=total)
+
+        summary = run_battle(cfg, store, on_start=start, on_done=lambda r: bar.advance(overall), progress=images)
+    _finish(summary, store, json_)
+
+
+def _finish(summary, store, json_: bool) -> None:
+    from backbench.report.leaderboard import build, cost_table
+    from backbench.report.render import figures, to_html
+    from backbench.report.results import ResultsLog
+
+    records = ResultsLog(store).records()
+    lb = build(records)
+    target = report_path(store.path)
+    target.write_text(to_html(lb, figures(lb, cost_table(records))))
+    rows = [r.to_dict() for r in summary.results]
+    if json_:
+        emit_json({"cells": rows, "leaderboard": lb.to_dict(), "report": str(target)})
+    else:
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "reused", "failed", "skipped")}
+        out.print("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        bad = [r for r in rows if r["status"] in ("failed", "skipped")]
+        if bad:
+            table(bad, ["stage", "backbone", "dataset", "split", "status", "message"], title="failed cells")
+        _print_leaderboard(lb)
+        out.print(f"HTML report: {target}")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _print_leaderboard(lb) -> None:
+    rows = lb.rows()
+    if rows:
+        table(rows, list(rows[0]), title="leaderboard (z-scores per task, mean, rank)")
+
+
+@app.command()
+def report(
+    cache: Optional[List[str]] = typer.Option(None, "--cache", help="Cache(s) whose results to merge."),
+    records: Optional[List[Path]] = typer.Option(None, "--records", help="JSON files from `results --json`."),
+    format_: str = typer.Option("markdown", "--format", help="markdown, csv, json or html."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of stdout."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the figures as PNG files here."),
+) -> None:
+    """The leaderboard: one row per backbone, task metrics, z-scores, rank, task correlations.
+
+    Example:  backbench report --cache battle.zarr --format html -o report.html
+    """
+    from backbench.report.leaderboard import build, cost_table
+    from backbench.report.render import FORMATS, figures, to_csv, to_html, to_json, to_markdown, write_pngs
+
+    if format_ not in FORMATS:
+        raise BackbenchError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
+    recs = _gather(cache, records)
+    lb = build(recs)
+    figs = figures(lb, cost_table(recs)) if (format_ == "html" or png) else {}
+    text = {"markdown": to_markdown, "csv": to_csv, "json": to_json}.get(format_, lambda b: to_html(b, figs))(lb)
+    if output:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+    elif format_ == "markdown":
+        _print_leaderboard(lb)
+    else:
+        print(text)
+    if png:
+        for p in write_pngs(figs, png):
+            err.print(f"wrote {p}")
+
+
+def _gather(caches: Optional[List[str]], files: Optional[List[Path]]) -> list[dict]:
+    from backbench.report.results import ResultsLog
+    from backbench.store import Cache
+
+    recs: list[dict] = []
+    for c in caches or ([] if files else [None]):
+        recs += ResultsLog(Cache(c, mode="r")).records()
+    for f in files or []:
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BackbenchError(f"--records {str(f)!r}: not a JSON list of records ({exc})") from None
+        recs += data if isinstance(data, list) else [data]
+    return recs

@@ -1,0 +1,163 @@
+"""The leaderboard: results records -> one row per backbone, Battle-of-the-Backbones z-scores.
+
+For every (task, dataset) column, each backbone's main metric is turned into a z-score
+across backbones (population std); a task's z-score is the mean over its datasets, the
+aggregate the mean over tasks, and the rank orders the aggregate (1 = best). All main
+metrics are higher-is-better.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+# task -> (main metric, label)
+MAIN_METRIC = {
+    "probe": "top1",
+    "fewshot": "top1",
+    "knn": "top1",
+    "knn-fewshot": "top1",
+    "retrieval": "mAP",
+    "ood": "auroc",
+    "open-set": "auroc",
+    "shift": "shifted_top1",
+}
+
+
+@dataclass
+class Leaderboard:
+    backbones: list[str]
+    columns: list[str]  # "task:dataset"
+    values: np.ndarray  # (backbones, columns), NaN where missing
+    tasks: list[str] = field(default_factory=list)
+    task_z: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    aggregate: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rank: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    spearman: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    fewshot: dict[str, dict[int, float]] = field(default_factory=dict)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per backbone, best first: rank, aggregate, task z-scores, raw metrics."""
+        out = []
+        for i in np.argsort(self.rank):
+            row: dict[str, Any] = {"rank": int(self.rank[i]), "backbone": self.backbones[i],
+                                   "z_mean": _num(self.aggregate[i])}
+            row.update({f"z:{t}": _num(self.task_z[i, j]) for j, t in enumerate(self.tasks)})
+            row.update({c: _num(self.values[i, j]) for j, c in enumerate(self.columns)})
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows(), "tasks": self.tasks, "columns": self.columns,
+                "spearman": {"tasks": self.tasks, "matrix": [[_num(v) for v in r] for r in self.spearman]},
+                "fewshot": {b: {str(k): v for k, v in c.items()} for b, c in self.fewshot.items()},
+                "provenance": self.provenance}
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 6)
+
+
+def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Newest record per (backbone, task, dataset, shots, seed): reruns replace, not add."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r.get("created", "")):
+        if r.get("task") in MAIN_METRIC and MAIN_METRIC[r["task"]] in r.get("metrics", {}):
+            key = (r["backbone"], r["task"], r["dataset"], r.get("params", {}).get("shots"), r.get("seed"))
+            best[key] = r
+    return list(best.values())
+
+
+def zscores(values: np.ndarray) -> np.ndarray:
+    """Column-wise z-scores across rows (population std), ignoring NaN; constant columns give 0."""
+    mean = np.nanmean(values, axis=0, keepdims=True)
+    std = np.nanstd(values, axis=0, keepdims=True)
+    z = np.divide(values - mean, std, out=np.zeros_like(values), where=std > 0)
+    z[np.isnan(values)] = np.nan
+    return z
+
+
+def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
+    """Aggregate records into a :class:`Leaderboard`."""
+    import warnings
+
+    recs = _latest(records)
+    cells: dict[tuple[str, str], list[float]] = {}
+    curves: dict[str, dict[int, list[float]]] = {}
+    for r in recs:
+        value = float(r["metrics"][MAIN_METRIC[r["task"]]])
+        cells.setdefault((r["backbone"], f"{r['task']}:{r['dataset']}"), []).append(value)
+        if r["task"] == "fewshot":
+            curves.setdefault(r["backbone"], {}).setdefault(int(r["params"]["shots"]), []).append(value)
+    backbones = sorted({b for b, _ in cells})
+    columns = sorted({c for _, c in cells}, key=lambda c: (list(MAIN_METRIC).index(c.split(":")[0]), c))
+    values = np.full((len(backbones), len(columns)), np.nan)
+    for (b, c), v in cells.items():
+        values[backbones.index(b), columns.index(c)] = float(np.mean(v))
+    lb = Leaderboard(backbones, columns, values)
+    lb.tasks = list(dict.fromkeys(c.split(":")[0] for c in columns))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: a task a backbone lacks
+        z = zscores(values)
+        lb.task_z = np.stack([np.nanmean(z[:, [j for j, c in enumerate(columns) if c.split(":")[0] == t]], axis=1)
+                              for t in lb.tasks], axis=1) if columns else np.zeros((len(backbones), 0))
+        lb.aggregate = np.nanmean(lb.task_z, axis=1) if columns else np.zeros(len(backbones))
+    order = np.argsort(-np.nan_to_num(lb.aggregate, nan=-np.inf), kind="stable")
+    lb.rank = np.empty(len(backbones), dtype=int)
+    lb.rank[order] = np.arange(1, len(backbones) + 1)
+    lb.spearman = task_spearman(lb.task_z)
+    lb.fewshot = {b: {k: float(np.mean(v)) for k, v in sorted(c.items())} for b, c in curves.items()}
+    lb.provenance = provenance(recs)
+    return lb
+
+
+def task_spearman(task_z: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation between tasks, across backbones (NaN with < 3 backbones)."""
+    from scipy.stats import spearmanr
+
+    n_tasks = task_z.shape[1]
+    out = np.full((n_tasks, n_tasks), np.nan)
+    for a in range(n_tasks):
+        for b in range(n_tasks):
+            ok = np.isfinite(task_z[:, a]) & np.isfinite(task_z[:, b])
+            if ok.sum() >= 3:
+                out[a, b] = spearmanr(task_z[ok, a], task_z[ok, b]).statistic
+    return out
+
+
+def provenance(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where each backbone's results came from: caches, library versions, dates."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        v = r.get("versions", {})
+        key = (r["backbone"], r.get("cache"), v.get("backbench"), v.get("torch"), v.get("timm"))
+        entry = seen.setdefault(key, {"backbone": r["backbone"], "cache": r.get("cache"),
+                                      "backbench": v.get("backbench"), "torch": v.get("torch"),
+                                      "timm": v.get("timm"), "records": 0, "first": r.get("created"),
+                                      "last": r.get("created")})
+        entry["records"] += 1
+        entry["last"] = max(entry["last"] or "", r.get("created") or "")
+    return sorted(seen.values(), key=lambda e: (e["backbone"], str(e["cache"])))
+
+
+def cost_table(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per backbone: parameters and extraction images/s, read from the records' caches."""
+    from backbench.store.cache import Cache
+
+    out: dict[str, dict[str, float]] = {}
+    for path in sorted({r.get("cache") for r in records if r.get("cache")}):
+        try:
+            groups = list(Cache(path, mode="r").groups())
+        except Exception:  # a cache that moved: the report still renders, without cost
+            continue
+        for g in groups:
+            a = g.attrs
+            entry = out.setdefault(a["backbone"], {})
+            entry["n_params"] = float(a.get("backbone_info", {}).get("n_params") or 0) or entry.get("n_params", 0)
+            ips = a.get("extraction", {}).get("images_per_s")
+            if ips:
+                entry["images_per_s"] = max(float(ips), entry.get("images_per_s", 0.0))
+    return out
