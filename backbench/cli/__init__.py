@@ -49,7 +49,8 @@ def table(rows: Iterable[dict[str, Any]], columns: list[str], title: str | None 
     """A readable table of dict rows; booleans become check marks."""
     t = Table(title=title, header_style="bold")
     for c in columns:
-        t.add_column(c, justify="right" if c in ("n", "d", "N", "D", "rows") else "left", overflow="fold")
+        t.add_column(c, justify="right" if c in ("n", "d", "N", "D", "rows") else "left", overflow="fold",
+                     no_wrap=c in ("backbone", "name"))
     for r in rows:
         t.add_row(*[_cell(r.get(c)) for c in columns])
     out.print(t)

@@ -89,8 +89,12 @@ def _finish(summary, store, json_: bool) -> None:
 
 def _print_leaderboard(lb) -> None:
     rows = lb.rows()
-    if rows:
-        table(rows, list(rows[0]), title="leaderboard (z-scores per task, mean, rank)")
+    if not rows:
+        out.print("no results yet: run `backbench battle` or a probe first")
+        return
+    ranked = ["rank", "backbone", "z_mean"] + [f"z:{t}" for t in lb.tasks]
+    table(rows, ranked, title="leaderboard: z-score per task across backbones, their mean, rank")
+    table(rows, ["rank", "backbone"] + lb.columns, title="main metric per task:dataset (top-1, mAP, AUROC)")
 
 
 @app.command()
