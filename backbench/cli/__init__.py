@@ -97,7 +97,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     debug = "--debug" in args
     _register_commands()
     try:
-        app(args=args, standalone_mode=False, prog_name="backbench")
+        code = app(args=args, standalone_mode=False, prog_name="backbench")
+        if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

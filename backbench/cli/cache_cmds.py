@@ -110,7 +110,9 @@ def extract(
         with _LazyBar(f"{name} {dataset}/{split}") as bar:
             res = run(name, source, cache=store, dataset=dataset, split=split, batch_size=batch_size,
                       device=device, dtype=dtype, workers=workers, limit=limit, overwrite=overwrite,
-                      chunk_rows=chunk_rows, shard=_parse_shard(shard), on_error=on_error, progress=bar)
+                      chunk_rows=chunk_rows, shard=_parse_shard(shard), on_error=on_error, progress=bar,
+                      on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
+                                                f"group; waiting for it, then doing what is left"))
         results.append(res.to_dict())
         if not json_:
             _say_extracted(res)
@@ -191,3 +193,23 @@ def export(
     if json_:
         return emit_json({"file": str(to), "groups": written})
     out.print(f"wrote {len(written)} group(s) to {to}")
+
+
+@app.command()
+def verify(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
+    """Recompute every chunk's checksum and report chunks that changed on disk (exit 1 if any).
+
+    Example:  backbench verify --cache features.zarr
+    """
+    from backbench.store import Cache
+    from backbench.store.verify import verify as run
+
+    problems, checked = run(Cache(cache, mode="r"))
+    if json_:
+        emit_json({"chunks_checked": checked, "problems": problems})
+    elif problems:
+        table(problems, ["group", "chunk", "rows", "status", "detail"], title="chunks that changed on disk")
+    else:
+        out.print(f"{checked} chunk(s) verified: all checksums match")
+    if problems:
+        raise typer.Exit(1)

@@ -49,14 +49,32 @@ class ImageSource:
 
 
 def _open_rgb(path: Path):
+    """Decode any PIL image as RGB: first frame of animations, 16-bit scaled to 8-bit.
+
+    Truncated or unidentifiable files and decompression bombs raise :class:`SampleError`.
+    """
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img)
     except Exception as exc:
         raise SampleError(f"cannot decode image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 class _FileSource(ImageSource):

@@ -23,6 +23,7 @@ from backbench.extract.data import ImageSource, open_source
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache
 from backbench.store.group import PROVENANCE_KEYS, FeatureGroup
+from backbench.store.lock import local_file, locked
 
 Progress = Callable[[int, int], None]
 
@@ -236,15 +237,30 @@ def extract(
     shard: tuple[int, int] = (0, 1),
     on_error: str = "fail",
     progress: Progress | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> ExtractResult:
-    """Extract one (backbone, dataset, split) into the cache; resumes and skips finished chunks."""
+    """Extract one (backbone, dataset, split) into the cache; resumes and skips finished chunks.
+
+    Another process extracting the same group holds its lock: this one waits (``on_wait`` is
+    told), then does only what is left.
+    """
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     src = limit_source(source if isinstance(source, ImageSource) else open_source(source, split), limit)
     attrs = group_attrs(model, src, dataset, split, dtype)
-    group = open_or_create(cache, attrs, len(src), model.feature_dim, model.num_classes,
-                           overwrite=overwrite, chunk_rows=chunk_rows)
+    with locked(local_file(cache.path)):
+        group = open_or_create(cache, attrs, len(src), model.feature_dim, model.num_classes,
+                               overwrite=overwrite, chunk_rows=chunk_rows)
+    with locked(local_file(cache.path, group.path, "features"), on_wait):
+        return _extract_pending(model, group, src, batch_size=batch_size, device=device, workers=workers,
+                                shard=shard, on_error=on_error, progress=progress)
+
+
+def _extract_pending(model: Backbone, group: FeatureGroup, src: ImageSource, *, batch_size: int, device: str,
+                     workers: int | None, shard: tuple[int, int], on_error: str,
+                     progress: Progress | None) -> ExtractResult:
     batches = plan_batches(group, batch_size, shard)
+    dataset, split = group.attrs["dataset"], group.attrs["split"]
     result = ExtractResult(model.name, dataset, split, len(src), "up-to-date", group=group.path)
     if not batches:
         if not group.attrs.get("complete") and group.is_complete:
@@ -259,7 +275,8 @@ def extract(
     result.rows_written = sum(map(len, batches))
     result.seconds, result.images_per_s = seconds, result.rows_written / max(seconds, 1e-9)
     result.skipped = skipped
-    previous = group.attrs.get("skipped", [])
+    fresh = {s["id"] for s in skipped}
+    previous = [s for s in group.attrs.get("skipped", []) if s["id"] not in fresh]
     group.finalize({"skipped": previous + skipped,
                     "extraction": {"device": device, "batch_size": batch_size,
                                    "images_per_s": round(result.images_per_s, 2)}})
