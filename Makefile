@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 DEMO_CACHE ?= demo.zarr
-DEMO_BACKBONES ?= timm:tf_efficientnet_lite0@local timm:tf_efficientnet_lite0@random
 
+# The built-in battle: EfficientNet-Lite0/1/2 (offline ImageNet weights) and a random-init
+# baseline on the bundled digits, every task; prints the leaderboard and the HTML report's path.
 demo: $(STAMP)
-	$(BIN)/backbench extract $(DEMO_BACKBONES) --data digits --dataset digits --split train --cache $(DEMO_CACHE)
-	$(BIN)/backbench extract $(DEMO_BACKBONES) --data digits --dataset digits --split test --cache $(DEMO_CACHE)
+	$(BIN)/backbench battle --cache $(DEMO_CACHE)
 	$(BIN)/backbench ls --cache $(DEMO_CACHE)
 
 test: $(STAMP)
@@ -31,4 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) features.zarr $(DEMO_CACHE)
+	rm -rf $(VENV) features.zarr $(DEMO_CACHE) demo-report.html battle.zarr battle-report.html

@@ -107,6 +107,8 @@ def figures(lb: Leaderboard, cost: dict[str, dict[str, float]] | None = None) ->
 
 
 def _cost_figure(lb: Leaderboard, cost: dict[str, dict[str, float]], plt) -> bytes:
+    from matplotlib.ticker import EngFormatter
+
     cols = [j for j, c in enumerate(lb.columns) if c.startswith("probe:")]
     acc = np.nanmean(lb.values[:, cols], axis=1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -116,7 +118,8 @@ def _cost_figure(lb: Leaderboard, cost: dict[str, dict[str, float]], plt) -> byt
             if x:
                 ax.scatter(x, acc[i])
                 ax.annotate(b.split(":", 1)[-1], (x, acc[i]), fontsize=7)
-        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.margins(x=0.3, y=0.1)
         ax.set_xlabel(label)
         ax.set_ylabel("linear-probe top-1")
     fig.suptitle("accuracy against cost")
