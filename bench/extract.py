@@ -93,10 +93,7 @@ def cache_io(n: int, d: int, folder: Path) -> dict[str, float]:
     cache = Cache(str(folder / "io.zarr"))
     start = time.perf_counter()
     g = cache.create_group("bench:x", "io", "train", n=n, dim=d, attrs={"backbone": "bench:x", "classes": []})
-    ids = [str(i) for i in range(n)]
-    for c in range(g.n_chunks):
-        a, b = g.chunk_bounds(c)
-        g.write_chunk(c, X[a:b], y[a:b], ids[a:b])
+    g.write_rows(0, X, y, [str(i) for i in range(n)])
     g.finalize()
     out["cache_write_s"] = time.perf_counter() - start
     os.sync()

@@ -129,7 +129,7 @@ def test_two_extractions_at_once_give_one_correct_cache(tmp_path):
     subprocess.run(_extract_cmd(alone), check=True, capture_output=True)
     a = zarr.open_group(shared, mode="r")["timm~test_resnet@random/digits/test"]
     b = zarr.open_group(alone, mode="r")["timm~test_resnet@random/digits/test"]
-    for name in ("features", "labels", "ids", "chunk_sha256"):
+    for name in ("features", "labels", "ids", "chunk_checksum"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
     said = " ".join(o + e for o, e in outs)
     assert "nothing to do" in said or "waiting" in said

@@ -9,7 +9,7 @@ Layout (all readable with plain ``zarr.open_group(path, mode="r")``)::
         labels         (sample,)          int64
         ids            (sample,)          string
         logits         (sample, class)    optional, the backbone's own classifier
-        chunk_sha256   (chunk,)           "" until that row chunk is written, then its checksum
+        chunk_checksum   (chunk,)           "" until that row chunk is written, then its checksum
       _results/<key>/                    one group per results record, the record in its attrs
 """
 

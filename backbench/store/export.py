@@ -30,7 +30,7 @@ def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None
             g = h5.require_group(group.path)
             for key, value in group.attrs.items():
                 g.attrs[key] = _h5_attr(value)
-            for name in ("features", "labels", "ids", "logits", "chunk_sha256"):
+            for name in ("features", "labels", "ids", "logits", "chunk_checksum"):
                 if name not in group.node:
                     continue
                 arr = group.node[name]

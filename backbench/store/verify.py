@@ -14,7 +14,7 @@ def verify(cache: Cache) -> tuple[list[dict[str, Any]], int]:
     """(problems, chunks checked): a problem is a chunk whose data changed or cannot be read."""
     problems, checked = [], 0
     for group in cache.groups():
-        stored = group.node["chunk_sha256"][:]
+        stored = group.node["chunk_checksum"][:]
         for chunk in np.flatnonzero(stored != ""):
             a, b = group.chunk_bounds(int(chunk))
             checked += 1
