@@ -174,3 +174,32 @@ def test_resume_after_kill_gives_identical_cache(tmp_path):
     for name in ("features", "labels", "ids", "chunk_checksum"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
     assert a.attrs["complete"] and a.attrs["cache_key"] == b.attrs["cache_key"]
+
+
+@pytest.mark.slow
+def test_five_random_kills_then_identical_cache(tmp_path):
+    """SIGKILL at 5 random points (by chunks done), rerun each time: identical to a clean run."""
+    import random
+
+    killed, clean = str(tmp_path / "k.zarr"), str(tmp_path / "c.zarr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng, kills = random.Random(0), 0
+    cmd = [a if a != "32" else "16" for a in _extract_cmd(killed)]  # 20 chunks of 16 rows
+    while kills < 5 and _chunks_done(killed) < 18:
+        target = _chunks_done(killed) + rng.randint(0, 2)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while _chunks_done(killed) < target and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills == 5
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    subprocess.run([a if a != killed else clean for a in cmd], env=env, check=True, capture_output=True)
+    a = zarr.open_group(killed, mode="r")["timm~test_resnet@random/digits/test"]
+    b = zarr.open_group(clean, mode="r")["timm~test_resnet@random/digits/test"]
+    for name in ("features", "labels", "ids", "chunk_checksum"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert a.attrs["complete"] and a.attrs["n"] == 320
