@@ -203,3 +203,17 @@ def test_five_random_kills_then_identical_cache(tmp_path):
     for name in ("features", "labels", "ids", "chunk_checksum"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
     assert a.attrs["complete"] and a.attrs["n"] == 320
+
+
+def test_processes_launch_shards_equal_to_one_process(tmp_path):
+    sharded, single = str(tmp_path / "s.zarr"), str(tmp_path / "one.zarr")
+    cmd = [sys.executable, "-m", "backbench", "extract", RESNET, "--data", "digits", "--dataset", "digits",
+           "--split", "test", "--limit", "128", "--chunk-rows", "32", "--workers", "0"]
+    done = subprocess.run(cmd + ["--cache", sharded, "--processes", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "2 shard processes finished" in done.stdout
+    subprocess.run(cmd + ["--cache", single], check=True, capture_output=True)
+    a = zarr.open_group(sharded, mode="r")["timm~test_resnet@random/digits/test"]
+    b = zarr.open_group(single, mode="r")["timm~test_resnet@random/digits/test"]
+    for name in ("features", "labels", "ids", "chunk_checksum"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])

@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from backbench.errors import ProbeInputError
-from backbench.probe.knn import KNNClassifier, knn_eval
+from backbench.probe.knn import Int8FlatIndex, KNNClassifier, knn_eval
 from backbench.probe.retrieval import _drop_self, build_index, retrieval_metrics
 
 
@@ -75,10 +75,11 @@ def test_uniform_vote_matches_sklearn_majority():
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_string_labels_and_estimator_contract(digits):
+@pytest.mark.parametrize("search", ["auto", "exact"])
+def test_string_labels_and_estimator_contract(digits, search):
     X, y = digits
     names = np.array(list("abcdefghij"))[y]
-    clf = KNNClassifier(k=5)
+    clf = KNNClassifier(k=5, search=search)
     assert clf.fit(X[:500], names[:500]) is clf
     assert set(clf.predict(X[500:600])) <= set(clf.classes_)
     assert clf.n_features_in_ == 64 and clf.n_samples_fit_ == 500
@@ -130,6 +131,48 @@ def test_knn_eval_top5_and_clipping_by_hand():
         assert res[f"top5@{key}"] == pytest.approx(top5)
 
 
+def test_fast_search_equals_exact_search():
+    X, y = clusters(6000, d=48, n_classes=10, noise=2.0, seed=13)  # enough rows for grouped top-k
+    Q, _ = clusters(500, d=48, n_classes=10, noise=2.0, seed=14)
+    fast = KNNClassifier(k=10, batch_size=128).fit(X, y)
+    exact = KNNClassifier(k=10, search="exact").fit(X, y)
+    assert isinstance(fast.index_, Int8FlatIndex) and not isinstance(exact.index_, Int8FlatIndex)
+    (fs, fi), (es, ei) = fast.kneighbors(Q), exact.kneighbors(Q)
+    np.testing.assert_array_equal(np.sort(fi, axis=1), np.sort(ei, axis=1))
+    np.testing.assert_allclose(fs, es, atol=1e-6)  # equal up to float32 summation order,
+    assert np.mean(fi == ei) > 0.999  # which may swap the order of near-ties
+    assert fast.index_.n_queries == 500 and fast.index_.n_redone < 50  # the int8 pass decided most
+    np.testing.assert_allclose(fast.predict_proba(Q), exact.predict_proba(Q), rtol=1e-5, atol=1e-9)
+    args = (X[:2500], y[:2500], X[2500:], y[2500:])
+    assert knn_eval(*args, ks=(1, 20)) == knn_eval(*args, ks=(1, 20), search="exact")
+
+
+def test_int8_candidates_are_the_top_scores():
+    import torch
+
+    scores = torch.randint(-1000, 1000, (50, 32 * 300), dtype=torch.int32)
+    for n_cand in (40, 80):  # grouped, and plain top-k
+        top, cols = Int8FlatIndex._candidates(scores, n_cand)
+        ref = torch.topk(scores, n_cand, dim=1).values
+        np.testing.assert_array_equal(top.sort(dim=1).values, ref.sort(dim=1).values)
+        np.testing.assert_array_equal(torch.gather(scores, 1, cols), top)
+        assert all(len(set(row)) == n_cand for row in cols.tolist())
+
+
+def test_fast_search_falls_back_where_int8_cannot_rank():
+    rng = np.random.default_rng(15)
+    base = rng.standard_normal(32).astype(np.float32)
+    X = base + 0.03 * rng.standard_normal((600, 32), dtype=np.float32)  # cosines within ~1e-3,
+    X[:300] = rng.standard_normal((300, 32))  # finer than int8 rounding can rank
+    Q = base + 0.03 * rng.standard_normal((40, 32), dtype=np.float32)
+    fast = KNNClassifier(k=10).fit(X, np.arange(600) % 3)
+    ref = np.argsort(-(unit(Q) @ unit(X).T), axis=1)[:, :10]
+    np.testing.assert_array_equal(np.sort(fast.kneighbors(Q)[1], axis=1), np.sort(ref, axis=1))
+    assert fast.index_.n_redone == 40  # every query was searched again exactly
+    sims, _ = fast.kneighbors(np.zeros((2, 32)), k=3)
+    np.testing.assert_array_equal(sims, 0)
+
+
 def test_knn_input_errors(digits):
     X, y = digits
     with pytest.raises(ProbeInputError):
@@ -138,6 +181,8 @@ def test_knn_input_errors(digits):
         KNNClassifier().fit(X[:100], y[:100]).predict(X[:5, :10])
     with pytest.raises(ProbeInputError):
         knn_eval(X, y, X, y, ks=(5,), n_classes=3)
+    with pytest.raises(ProbeInputError):
+        KNNClassifier(search="approximate").fit(X, y)
 
 
 # --------------------------------------------------------------------------- retrieval

@@ -87,6 +87,7 @@ def extract(
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1, help="Rows per Zarr chunk."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: extract only the chunks of shard I."),
     on_error: str = typer.Option("fail", "--on-error", help="fail or skip an unreadable image."),
+    processes: int = typer.Option(1, "--processes", min=1, help="Launch N local shard processes (--shard i/N)."),
     json_: bool = JsonOpt,
 ) -> None:
     """Extract frozen-backbone features into the cache; reruns resume and skip finished work.
@@ -104,6 +105,8 @@ def extract(
         raise BackbenchError(f"--on-error {on_error!r}: use fail or skip")
     for name in backbones:  # fail fast on typos before any model loads
         resolve(name)
+    if processes > 1:
+        return _launch_shards(processes)
     source, store = open_source(data, split), Cache(cache)
     results = []
     for name in backbones:
@@ -118,6 +121,34 @@ def extract(
             _say_extracted(res)
     if json_:
         emit_json(results)
+
+
+def _launch_shards(n: int) -> None:
+    """Run this same command as N processes, one per shard; each writes whole chunks only."""
+    import subprocess
+    import sys
+
+    args = sys.argv[1:] if sys.argv[1:2] == ["extract"] else None
+    if args is None:
+        raise BackbenchError("--processes works from the command line; in Python call extract(..., shard=(i, n))")
+    base, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--processes", "--shard"):
+            skip = True
+            continue
+        if not a.startswith(("--processes=", "--shard=")):
+            base.append(a)
+    env = dict(__import__("os").environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (__import__("os").cpu_count() or 1) // n)))
+    procs = [subprocess.Popen([sys.executable, "-m", "backbench", *base, "--shard", f"{i}/{n}"], env=env)
+             for i in range(n)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise BackbenchError(f"shard process(es) {[i for i, c in enumerate(codes) if c]} failed; rerun to finish")
+    out.print(f"{n} shard processes finished")
 
 
 def _say_extracted(res) -> None:

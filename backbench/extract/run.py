@@ -251,7 +251,11 @@ def extract(
     with locked(local_file(cache.path)):
         group = open_or_create(cache, attrs, len(src), model.feature_dim, model.num_classes,
                                overwrite=overwrite, chunk_rows=chunk_rows)
-    with locked(local_file(cache.path, group.path, "features"), on_wait):
+    # Shards own disjoint chunks and run side by side; a whole-group run takes the group's lock
+    # so a second one waits instead of redoing the same chunks (identical bytes either way:
+    # every chunk write is an atomic rename of deterministic content).
+    lock = local_file(cache.path, group.path, "features") if shard[1] == 1 else None
+    with locked(lock, on_wait):
         return _extract_pending(model, group, src, batch_size=batch_size, device=device, workers=workers,
                                 shard=shard, on_error=on_error, progress=progress)
 
