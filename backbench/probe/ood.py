@@ -1,0 +1,431 @@
+"""Post-hoc OOD scores on frozen features: scikit-learn-style scorers, higher = more in-distribution.
+
+Every scorer is fitted on ID train features (``fit(X, y)``; kNN and the logit scores given a
+head ignore ``y``) and scores rows with ``score_samples(X)``. Features may be any 2-D array
+that slices by rows (numpy, zarr, h5py): both ``fit`` and ``score_samples`` read ``X`` in
+chunks of ``batch_size`` rows, so memory holds d x d and chunk x d arrays, never n x n.
+Class means and covariances are accumulated in float64 (shifted by the first chunk's mean,
+so the one-pass scatter does not cancel) and pseudo-inverted as the papers do (Lee et al.
+use scikit-learn's ``EmpiricalCovariance``, i.e. ``scipy.linalg.pinvh``): see :func:`whitening`.
+
+Scores (names in :data:`SCORES`):
+
+- ``msp``, ``maxlogit``, ``energy``: on logits, either of a linear head (a backbench
+  :class:`~backbench.probe.linear.LinearProbe`, fitted here when none is given, or ``W, b``)
+  via :class:`LogitScorer`, or on stored logits via :func:`logit_scores`.
+- ``mahalanobis`` (Lee et al. 2018), ``relative_mahalanobis`` (Ren et al. 2021),
+  ``knn`` (Sun et al. 2022), ``vim`` (Wang et al. 2022), ``cosine`` (nearest class mean).
+
+Scores that need gradients or perturb the input (ODIN, Mahalanobis with input preprocessing,
+GradNorm and kin) are out of scope: backbench scores cached features, not images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from backbench.errors import ProbeInputError
+from backbench.probe.knn import check_features, import_faiss, l2_normalize, to_device
+
+LOGIT_KINDS = ("msp", "maxlogit", "energy")
+_EPS = np.finfo(np.float64).eps
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def iter_rows(X: Any, batch_size: int, dtype=np.float64, name: str = "X") -> Iterator[np.ndarray]:
+    """Row chunks of ``X`` as fresh C-contiguous ``dtype`` arrays; NaN or inf raises."""
+    if int(batch_size) < 1:
+        raise ProbeInputError(f"batch_size must be a positive integer, got {batch_size}")
+    for start in range(0, X.shape[0], int(batch_size)):
+        chunk = np.array(X[start : start + int(batch_size)], dtype=dtype, order="C", copy=True)
+        if not np.isfinite(chunk).all():
+            raise ProbeInputError(f"{name} contains NaN or infinite values; drop or impute them before scoring")
+        yield chunk
+
+
+def _softmax_parts(Z: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(max, logsumexp)`` of each row of ``Z / temperature``."""
+    Z = Z / temperature
+    top = Z.max(1)
+    return top, top + np.log(np.exp(Z - top[:, None]).sum(1))
+
+
+def _logit_kind(Z: np.ndarray, kind: str, temperature: float) -> np.ndarray:
+    if kind == "maxlogit":
+        return Z.max(1)
+    top, lse = _softmax_parts(Z, temperature)
+    return temperature * lse if kind == "energy" else np.exp(top - lse)
+
+
+def _check_kind(kind: str, temperature: float) -> None:
+    if kind not in LOGIT_KINDS:
+        raise ProbeInputError(f"kind must be one of {', '.join(LOGIT_KINDS)}; got {kind!r}")
+    if not temperature > 0:
+        raise ProbeInputError(f"temperature must be positive, got {temperature}")
+
+
+def logit_scores(logits: Any, kind: str = "msp", *, temperature: float = 1.0, batch_size: int = 65536) -> np.ndarray:
+    """ID scores from logits (n, n_classes): max softmax probability, max logit or ``T * logsumexp(z / T)``.
+
+    For the backbone's own classifier logits, e.g. as stored in the cache; read in row chunks.
+    """
+    _check_kind(kind, temperature)
+    logits = check_features(logits, "logits")
+    return np.concatenate([_logit_kind(Z, kind, temperature) for Z in iter_rows(logits, batch_size, name="logits")])
+
+
+def linear_head(probe: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` with ``logits = X @ W.T + b`` on raw features, from a fitted linear probe.
+
+    A backbench :class:`LinearProbe` holds its weights in the standardized space; they are
+    folded back. A binary scikit-learn model (one row of ``coef_``) gets a zero row first.
+    """
+    check_is_fitted(probe, "coef_")
+    W = np.asarray(probe.coef_, dtype=np.float64)
+    b = np.asarray(probe.intercept_, dtype=np.float64).reshape(-1)
+    if hasattr(probe, "scale_") and hasattr(probe, "mean_"):
+        W = W / probe.scale_
+        b = b - W @ probe.mean_
+    if W.shape[0] == 1:
+        W, b = np.vstack([np.zeros_like(W), W]), np.concatenate([[0.0], b])
+    return W, b
+
+
+def default_vim_dim(d: int) -> int:
+    """ViM's principal dimension as its authors' code picks it: 1000 from 2048 dims, 512 from 768, else d // 2."""
+    return 1000 if d >= 2048 else 512 if d >= 768 else d // 2
+
+
+# --------------------------------------------------------------------------- moments
+
+
+def class_moments(X: Any, codes: np.ndarray, n_classes: int, batch_size: int, *, scatter: bool = True) -> dict:
+    """One streaming float64 pass: ``counts``, class ``means``, and (``scatter``) the tied
+    within-class covariance ``within`` and the total covariance ``total`` (both divided by n).
+    """
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    shift, sums, gram, start = None, None, None, 0
+    for chunk in iter_rows(X, batch_size):
+        if shift is None:
+            shift = chunk.mean(0)
+            sums = np.zeros((n_classes, chunk.shape[1]))
+            gram = np.zeros((chunk.shape[1],) * 2) if scatter else None
+        chunk -= shift
+        cc = codes[start : start + len(chunk)]
+        start += len(chunk)
+        order = np.argsort(cc, kind="stable")
+        first = np.flatnonzero(np.r_[True, cc[order][1:] != cc[order][:-1]])
+        sums[cc[order][first]] += np.add.reduceat(chunk[order], first, axis=0)
+        if scatter:
+            gram += chunk.T @ chunk
+    n = counts.sum()
+    out = {"counts": counts, "means": sums / counts[:, None] + shift}
+    if scatter:
+        total = sums.sum(0) / n
+        out["within"] = (gram - sums.T @ (sums / counts[:, None])) / n
+        out["total"] = gram / n - np.outer(total, total)
+        out["mean"] = total + shift
+    return out
+
+
+def whitening(cov: np.ndarray) -> np.ndarray:
+    """``A`` (d, rank) with ``A @ A.T == pinv(cov)``, so ``||(x - mu) @ A||^2`` is a Mahalanobis distance.
+
+    A well-conditioned ``cov`` (reciprocal condition estimate above 1e-8, where the pinv cutoff
+    drops nothing and pinv is the inverse) takes the inverse Cholesky factor; otherwise
+    eigenvalues at or below ``d * eps * max`` are dropped (``scipy.linalg.pinvh``'s cutoff).
+    """
+    from scipy.linalg import lapack
+
+    L, info = lapack.dpotrf(cov, lower=1, clean=1)
+    if info == 0 and lapack.dpocon(L, np.abs(cov).sum(0).max(), uplo="L")[0] > 1e-8:
+        inv_L, info = lapack.dtrtri(L, lower=1)
+        if info == 0:
+            return np.ascontiguousarray(inv_L.T)
+    lam, V = np.linalg.eigh(cov)
+    keep = lam > max(lam[-1], 0.0) * len(lam) * _EPS
+    if not keep.any():
+        raise ProbeInputError("the training features have zero variance; a Gaussian cannot be fitted to them")
+    return V[:, keep] / np.sqrt(lam[keep])
+
+
+def _row_sq(Z: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", Z, Z)
+
+
+def _sq_dists(Z: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (n, C) between rows of ``Z`` and of ``centers`` (float64)."""
+    D = _row_sq(Z)[:, None] - 2.0 * (Z @ centers.T) + _row_sq(centers)
+    return np.maximum(D, 0.0, out=D)
+
+
+# --------------------------------------------------------------------------- base
+
+
+class _Scorer(BaseEstimator):
+    """Shared plumbing: label encoding, chunked scoring, input checks."""
+
+    def _start_fit(self, X: Any, y: Any = None, *, need_y: bool = True) -> tuple[Any, np.ndarray | None]:
+        """``(X, codes)``: checked features and the class code of each row (None without ``y``)."""
+        X = check_features(X)
+        if int(self.batch_size) < 1:
+            raise ProbeInputError(f"batch_size must be a positive integer, got {self.batch_size}")
+        self.n_features_in_ = X.shape[1]
+        if y is None and not need_y:
+            return X, None
+        y = None if y is None else np.asarray(y)
+        if y is None or y.shape != (X.shape[0],):
+            raise ProbeInputError(f"y must hold one label per row of X ({X.shape[0]}), got "
+                                  f"{None if y is None else y.shape}")
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        return X, codes
+
+    def _rows(self, X: Any, dtype=np.float64) -> Iterator[np.ndarray]:
+        check_is_fitted(self, "n_features_in_")
+        X = check_features(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ProbeInputError(f"X has {X.shape[1]} features but the scorer was fitted on {self.n_features_in_}")
+        return iter_rows(X, self.batch_size, dtype)
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """One float per row of ``X``: higher means more in-distribution."""
+        return np.concatenate([self._score_chunk(chunk) for chunk in self._rows(X, self._dtype)])
+
+    _dtype = np.float64
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _HeadScorer(_Scorer):
+    """A scorer built on a linear head: ``W, b`` if given, else ``probe``, else a probe fitted here."""
+
+    def _fit_head(self, X: Any, y: Any) -> None:
+        if self.W is not None:
+            W = np.atleast_2d(np.asarray(self.W, dtype=np.float64))
+            b = np.zeros(len(W)) if self.b is None else np.asarray(self.b, dtype=np.float64).reshape(-1)
+            self.probe_ = None
+        else:
+            if self.probe is None:
+                from backbench.probe.linear import select_and_fit
+
+                if y is None:
+                    raise ProbeInputError("y is needed to fit a linear probe; or pass probe= or W=, b=")
+                self.probe_, self.sweep_ = select_and_fit(X, y, self.Cs, seed=self.seed, device=self.device)
+            else:
+                self.probe_ = self.probe
+            W, b = linear_head(self.probe_)
+        if W.shape[1] != X.shape[1] or b.shape != (W.shape[0],):
+            raise ProbeInputError(f"the head's W {W.shape} and b {b.shape} do not fit {X.shape[1]} features")
+        self.W_, self.b_ = W, b
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+class LogitScorer(_HeadScorer):
+    """MSP (Hendrycks & Gimpel 2017), max logit (Hendrycks et al. 2022) or energy (Liu et al. 2020)
+    on the logits ``X @ W.T + b`` of a linear head on the features.
+    """
+
+    def __init__(self, kind: str = "msp", *, probe: Any = None, W: Any = None, b: Any = None,
+                 temperature: float = 1.0, Cs: Any = None, seed: int = 0, device: str = "cpu",
+                 batch_size: int = 4096) -> None:
+        self.kind = kind
+        self.probe = probe
+        self.W = W
+        self.b = b
+        self.temperature = temperature
+        self.Cs = Cs
+        self.seed = seed
+        self.device = device
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Any = None) -> LogitScorer:
+        """Take the head (or fit a probe on ``X, y``); returns ``self``."""
+        _check_kind(self.kind, self.temperature)
+        X, _ = self._start_fit(X, y, need_y=False)
+        self._fit_head(X, y)
+        return self
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        return _logit_kind(chunk @ self.W_.T + self.b_, self.kind, self.temperature)
+
+
+class Mahalanobis(_Scorer):
+    """Lee et al. 2018: minus the squared Mahalanobis distance to the nearest class mean (tied covariance)."""
+
+    def __init__(self, *, batch_size: int = 4096) -> None:
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Any) -> Mahalanobis:
+        """Class means and the shared covariance, in one float64 pass over ``X``; returns ``self``."""
+        X, codes = self._start_fit(X, y)
+        m = class_moments(X, codes, len(self.classes_), self.batch_size)
+        self.means_, self.covariance_ = m["means"], m["within"]
+        self.whitening_ = whitening(self.covariance_)
+        self._fit_extra(m)
+        return self
+
+    def _fit_extra(self, moments: dict) -> None:
+        self._origin = moments["mean"]  # rows are whitened around the train mean
+        self._proj = self.whitening_
+        self._centers = (self.means_ - self._origin) @ self.whitening_
+
+    def _whiten(self, chunk: np.ndarray) -> np.ndarray:
+        chunk -= self._origin  # chunks are fresh copies
+        return chunk @ self._proj
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        return -_sq_dists(self._whiten(chunk), self._centers).min(1)
+
+
+class RelativeMahalanobis(Mahalanobis):
+    """Ren et al. 2021: ``-min_k (MD_k(x) - MD_0(x))``, MD_0 under one Gaussian fitted to all of train."""
+
+    def _fit_extra(self, moments: dict) -> None:
+        super()._fit_extra(moments)
+        self.background_mean_, self.background_covariance_ = moments["mean"], moments["total"]
+        self.background_whitening_ = whitening(self.background_covariance_)
+        self._proj = np.hstack([self.whitening_, self.background_whitening_])  # one product per chunk
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        Z = self._whiten(chunk)
+        Z, Z0 = Z[:, : self.whitening_.shape[1]], Z[:, self.whitening_.shape[1] :]
+        return _row_sq(Z0) - _sq_dists(Z, self._centers).min(1)
+
+
+class CosineNearestMean(_Scorer):
+    """Cosine similarity to the nearest class mean (means of the raw features)."""
+
+    def __init__(self, *, batch_size: int = 4096) -> None:
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Any) -> CosineNearestMean:
+        """Class means in float64, one pass over ``X``; returns ``self``."""
+        X, codes = self._start_fit(X, y)
+        self.means_ = class_moments(X, codes, len(self.classes_), self.batch_size, scatter=False)["means"]
+        self._unit_means = self.means_ / np.maximum(np.linalg.norm(self.means_, axis=1, keepdims=True), 1e-12)
+        return self
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        norms = np.maximum(np.linalg.norm(chunk, axis=1), 1e-12)
+        return (chunk @ self._unit_means.T).max(1) / norms
+
+
+class KNNDistance(_Scorer):
+    """Sun et al. 2022: minus the Euclidean distance to the k-th nearest L2-normalized train feature.
+
+    Exact search in a faiss ``IndexFlatL2`` (on the GPU for ``device="cuda"`` when faiss can).
+    """
+
+    _dtype = np.float32
+
+    def __init__(self, k: int = 50, *, device: str = "cpu", batch_size: int = 4096) -> None:
+        self.k = k
+        self.device = device
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Any = None) -> KNNDistance:
+        """Index the L2-normalized rows of ``X`` (``y`` is ignored); returns ``self``."""
+        X, _ = self._start_fit(X, None, need_y=False)
+        if not 1 <= int(self.k) <= X.shape[0]:
+            raise ProbeInputError(f"k must be between 1 and the number of train rows ({X.shape[0]}), got {self.k}")
+        self.index_ = to_device(import_faiss().IndexFlatL2(X.shape[1]), self.device)
+        for chunk in iter_rows(X, self.batch_size, np.float32):
+            self.index_.add(l2_normalize(chunk))
+        self.n_samples_fit_ = X.shape[0]
+        return self
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        sq, _ = self.index_.search(l2_normalize(chunk), int(self.k))
+        return -np.sqrt(np.maximum(sq[:, -1].astype(np.float64), 0.0))
+
+
+class ViM(_HeadScorer):
+    """Wang et al. 2022: energy of the logits minus the virtual logit ``alpha * ||residual||``.
+
+    The residual is the part of ``x - u`` (``u = -pinv(W) b``, singular values of ``W`` below
+    ``max(W.shape) * eps_float32`` of the largest treated as zero, as ``torch.linalg.pinv`` does
+    on a float32 head: a softmax probe's ``W`` has rank C-1) outside the top-``dim``
+    principal subspace of the train features around ``u``; ``alpha`` matches the mean
+    virtual logit to the mean max logit on train. ``dim=None``: :func:`default_vim_dim`.
+    """
+
+    def __init__(self, dim: int | None = None, *, probe: Any = None, W: Any = None, b: Any = None,
+                 Cs: Any = None, seed: int = 0, device: str = "cpu", batch_size: int = 4096) -> None:
+        self.dim = dim
+        self.probe = probe
+        self.W = W
+        self.b = b
+        self.Cs = Cs
+        self.seed = seed
+        self.device = device
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Any = None) -> ViM:
+        """Head, principal subspace (pass 1) and ``alpha`` (pass 2) from ``X``; returns ``self``."""
+        X, _ = self._start_fit(X, y, need_y=False)
+        d = X.shape[1]
+        self.dim_ = default_vim_dim(d) if self.dim is None else int(self.dim)
+        if not 0 <= self.dim_ < d:
+            raise ProbeInputError(f"dim must be in [0, {d}) for {d} features, got {self.dim}")
+        self._fit_head(X, y)
+        rcond = max(self.W_.shape) * np.finfo(np.float32).eps  # a softmax head is rank C-1 up to float32 noise
+        self.origin_ = -np.linalg.pinv(self.W_, rcond=rcond) @ self.b_
+        self._b_centred = self.W_ @ self.origin_ + self.b_  # logits of x - u
+        gram, max_logit = np.zeros((d, d)), 0.0
+        for chunk in iter_rows(X, self.batch_size):
+            chunk -= self.origin_
+            max_logit += (chunk @ self.W_.T + self._b_centred).max(1).sum()
+            gram += chunk.T @ chunk
+        _, V = np.linalg.eigh(gram / X.shape[0])
+        self.residual_basis_ = np.ascontiguousarray(V[:, : d - self.dim_])  # smallest eigenvalues
+        self._principal = np.ascontiguousarray(V[:, d - self.dim_ :])
+        residual = sum(self._residual(np.subtract(c, self.origin_, out=c)).sum() for c in iter_rows(X, self.batch_size))
+        self.alpha_ = float(max_logit / residual) if residual > 0 else 0.0
+        return self
+
+    def _residual(self, centred: np.ndarray) -> np.ndarray:
+        """Norm of the part of ``x - u`` outside the principal subspace, by the thinner basis."""
+        if self._principal.shape[1] >= self.residual_basis_.shape[1]:
+            return np.linalg.norm(centred @ self.residual_basis_, axis=1)
+        P = centred @ self._principal
+        sq = _row_sq(centred) - _row_sq(P)  # float64: the cancellation does no harm
+        return np.sqrt(np.maximum(sq, 0.0))
+
+    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        chunk -= self.origin_  # chunks are fresh copies
+        energy = _softmax_parts(chunk @ self.W_.T + self._b_centred, 1.0)[1]
+        return energy - self.alpha_ * self._residual(chunk)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+SCORES: dict[str, Callable[..., _Scorer]] = {
+    "msp": partial(LogitScorer, kind="msp"),
+    "maxlogit": partial(LogitScorer, kind="maxlogit"),
+    "energy": partial(LogitScorer, kind="energy"),
+    "mahalanobis": Mahalanobis,
+    "relative_mahalanobis": RelativeMahalanobis,
+    "knn": KNNDistance,
+    "vim": ViM,
+    "cosine": CosineNearestMean,
+}
+"""Score name -> factory taking the scorer's keyword parameters (``SCORES["knn"](k=200)``)."""
+
+
+def make_scorer(name: str, **params: Any) -> _Scorer:
+    """The unfitted scorer called ``name`` in :data:`SCORES`, with ``params``."""
+    if name not in SCORES:
+        raise ProbeInputError(f"unknown OOD score {name!r}; choose one of {', '.join(SCORES)}")
+    return SCORES[name](**params)
