@@ -65,7 +65,7 @@ def _cell(v: Any) -> str:
 
 
 def _register_commands() -> None:
-    from backbench.cli import battle_cmds, cache_cmds, probe_cmds  # noqa: F401
+    from backbench.cli import battle_cmds, cache_cmds, ood_cmds, probe_cmds  # noqa: F401
 
 
 MULTI_VALUE = {"--shots", "-k", "--ks", "--C", "--ood", "--scores", "--shifted", "--layers"}
