@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-gpu
-.venv-gpu/bin/pip install -q torch torchvision
-.venv-gpu/bin/pip install -q -e .
+# the machine's own CUDA torch, not this repo's CPU-machine pin
+.venv-gpu/bin/pip install -q torch torchvision timm open_clip_torch "zarr>=3" numcodecs h5py scikit-learn \
+  faiss-cpu typer rich matplotlib safetensors psutil google-crc32c
+.venv-gpu/bin/pip install -q --no-deps -e .
 mkdir -p "${OUT:-bench/out}"
 .venv-gpu/bin/python bench/gpu.py --json "${OUT:-bench/out}/gpu.json"
