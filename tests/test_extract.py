@@ -217,3 +217,21 @@ def test_processes_launch_shards_equal_to_one_process(tmp_path):
     b = zarr.open_group(single, mode="r")["timm~test_resnet@random/digits/test"]
     for name in ("features", "labels", "ids", "chunk_checksum"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_dtype_and_device_choices_on_cpu(cache_path, run_cli):
+    from backbench.errors import BackbenchError
+    from backbench.extract.run import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackbenchError, match="--device cpu"):
+            resolve_device("cuda")
+    res = extract(RESNET, "digits", cache=cache_path, dataset="d", split="test", workers=0, limit=20,
+                  dtype="float32", device="cpu")
+    group = Cache(cache_path).group(RESNET, "d", "test")
+    assert res.status == "extracted" and group.features().dtype == np.float32
+    assert group.attrs["extraction"]["device"] == "cpu"
+    code, _, err = run_cli("extract", RESNET, "--data", "digits", "--dataset", "d", "--split", "test",
+                           "--dtype", "int8", "--cache", cache_path)
+    assert code != 0 and "--dtype 'int8'" in err
