@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from backbench.cli import CacheOpt, JsonOpt, app, emit_json, err, out, table
+from backbench.cli import JsonOpt, app, emit_json, err, out, table
 from backbench.errors import BackbenchError
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from backbench.cli import CacheOpt, JsonOpt, app, emit_json, out, table
+from backbench.cli import CacheOpt, JsonOpt, app, emit_json, table
 from backbench.errors import BackbenchError
 
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")

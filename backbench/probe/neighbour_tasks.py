@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 
 from backbench.probe.data import Split, check_same_backbone, load_split
 from backbench.probe.tasks import Record, base_request, load_pair
