@@ -244,3 +244,43 @@ def verify(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
         out.print(f"{checked} chunk(s) verified: all checksums match")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def pack(
+    groups: Optional[List[str]] = typer.Argument(None, help="Group paths from `backbench ls --json` (default: all)."),
+    to: Path = typer.Option(..., "--to", help="Target zip file."),
+    cache: Optional[str] = CacheOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Pack groups (with their provenance and results records) into one zip to share.
+
+    Example:  backbench pack 'timm~resnet18@random/pets/train' --to pets.zip
+    """
+    from backbench.store import Cache
+    from backbench.store.share import pack as run
+
+    manifest = run(Cache(cache, mode="r"), list(groups or []), to)
+    if json_:
+        return emit_json({"file": str(to), **manifest})
+    out.print(f"packed {len(manifest['groups'])} group(s) and {manifest['records']} record(s) into {to}")
+
+
+@app.command()
+def unpack(
+    archive: Path = typer.Argument(..., help="A zip made by `backbench pack`."),
+    into: Optional[str] = typer.Option(None, "--into", envvar="BACKBENCH_CACHE", help="Cache to unpack into."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Unpack a pack into a cache: unsafe members refused, every chunk verified, conflicts refused.
+
+    Example:  backbench unpack pets.zip --into features.zarr
+    """
+    from backbench.store import Cache
+    from backbench.store.share import unpack as run
+
+    result = run(archive, Cache(into))
+    if json_:
+        return emit_json(result)
+    out.print(f"unpacked {len(result['groups'])} group(s), {result['records']} record(s); "
+              f"{result['chunks_verified']} chunk(s) verified")
