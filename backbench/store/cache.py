@@ -120,15 +120,6 @@ class Cache:
         """Create (or replace) a group with its arrays and provenance; see :meth:`FeatureGroup.create`."""
         return FeatureGroup.create(self.root, self.group_path(backbone, dataset, split), **spec)
 
-    def delete_group(self, backbone: str, dataset: str, split: str) -> None:
-        path = self.group_path(backbone, dataset, split)
-        if "://" not in self.path:
-            import shutil
-
-            shutil.rmtree(Path(self.path) / path, ignore_errors=True)
-        else:  # pragma: no cover - remote stores
-            del self.root[path]
-
     def groups(self) -> Iterator[FeatureGroup]:
         """Every feature group, walked three levels deep (never into the results log)."""
         for _, b in sorted(self.root.groups()):
