@@ -263,6 +263,8 @@ def test_bad_inputs_raise_probe_input_error(data):
         ood.KNNDistance(k=len(X) + 1).fit(X)
     with pytest.raises(ProbeInputError, match="kind"):
         ood.logit_scores(Q, "entropy")
+    with pytest.raises(ProbeInputError, match="logits contains NaN"):
+        ood.logit_scores(bad, "energy")
     with pytest.raises(ProbeInputError, match="dim"):
         ood.ViM(D, probe=data["probe"]).fit(X)
     with pytest.raises(ProbeInputError, match="unknown OOD score"):
@@ -272,4 +274,4 @@ def test_bad_inputs_raise_probe_input_error(data):
 
 
 def test_vim_default_dim_follows_the_paper():
-    assert [ood.default_vim_dim(d) for d in (2048, 1280, 768, 512)] == [1000, 512, 512, 256]
+    assert [ood.default_vim_dim(d) for d in (2048, 1536, 1280, 768, 512)] == [1000, 1000, 512, 512, 256]

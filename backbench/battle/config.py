@@ -72,7 +72,7 @@ class BattleConfig:
     tasks: dict[str, dict[str, Any]]
     cache: str | None = None
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 256 on CUDA, 64 on CPU
     workers: int | None = None
     source: str = "built-in default"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +131,7 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:
     if set(raw) - known:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(set(raw) - known))}")
     return BattleConfig(list(backbones), parsed, {k: dict(v) for k, v in tasks.items()}, raw.get("cache"),
-                        raw.get("device", "auto"), int(raw.get("batch_size", 64)), raw.get("workers"), source)
+                        raw.get("device", "auto"), raw.get("batch_size"), raw.get("workers"), source)
 
 
 def load_config(path: str | Path | None = None) -> BattleConfig:

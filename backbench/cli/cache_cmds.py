@@ -78,7 +78,7 @@ def extract(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name in the cache, e.g. cifar10."),
     split: str = typer.Option(..., "--split", help="Split name in the cache, e.g. train."),
     cache: Optional[str] = CacheOpt,
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 256 on CUDA, 64 on CPU."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 features."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: cores)."),

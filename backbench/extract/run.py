@@ -57,6 +57,11 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def default_batch_size(device: str) -> int:
+    """256 images per batch on a GPU (fills an H100 with a ViT-B/16 in bf16), 64 on a CPU."""
+    return 256 if device.startswith("cuda") else 64
+
+
 def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
     """The first ``limit`` samples of ``source`` (its fingerprint covers just those)."""
     if limit is None or limit >= len(source):
@@ -227,7 +232,7 @@ def extract(
     cache: Cache | str | None = None,
     dataset: str,
     split: str,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "float16",
     workers: int | None = None,
@@ -245,6 +250,7 @@ def extract(
     told), then does only what is left.
     """
     cache = cache if isinstance(cache, Cache) else Cache(cache)
+    batch_size = batch_size or default_batch_size(resolve_device(device))
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     src = limit_source(source if isinstance(source, ImageSource) else open_source(source, split), limit)
     attrs = group_attrs(model, src, dataset, split, dtype)
