@@ -239,7 +239,9 @@ def test_chunked_equals_unchunked_and_streams_rows(data):
         chunked = scorer.fit(rows, y).score_samples(queries)
         assert queries.reads == -(-len(Q) // 7), name
         assert rows.reads >= len(X) // 7 or name in ood.LOGIT_KINDS, name  # given a head, nothing to read
-        np.testing.assert_allclose(chunked, whole, rtol=1e-9, atol=1e-5 if name == "knn" else 1e-9, err_msg=name)
+        # knn: faiss float32 distances; vim: its fit runs float32 products, so chunking moves the last bits
+        rtol, atol = {"knn": (1e-9, 1e-5), "vim": (1e-4, 1e-4)}.get(name, (1e-9, 1e-9))
+        np.testing.assert_allclose(chunked, whole, rtol=rtol, atol=atol, err_msg=name)
     logits = Q @ ood.linear_head(data["probe"])[0].T
     np.testing.assert_allclose(ood.logit_scores(logits, "msp", batch_size=3), ood.logit_scores(logits, "msp"))
 

@@ -385,24 +385,28 @@ class ViM(_HeadScorer):
         rcond = max(self.W_.shape) * np.finfo(np.float32).eps  # a softmax head is rank C-1 up to float32 noise
         self.origin_ = -np.linalg.pinv(self.W_, rcond=rcond) @ self.b_
         self._b_centred = self.W_ @ self.origin_ + self.b_  # logits of x - u
-        gram, max_logit = np.zeros((d, d)), 0.0
-        for chunk in iter_rows(X, self.batch_size):
-            chunk -= self.origin_
-            max_logit += (chunk @ self.W_.T + self._b_centred).max(1).sum()
+        # The two passes over train run their products in float32 (twice float64's rate) and
+        # sum per chunk into float64: the subspace and alpha move by ~1e-6, AUROC by far less.
+        origin32 = self.origin_.astype(np.float32)
+        gram, max_logit, residual = np.zeros((d, d)), 0.0, 0.0
+        for chunk in iter_rows(X, self.batch_size, dtype=np.float32):
+            chunk -= origin32
+            max_logit += float((chunk @ self.W_.T.astype(np.float32) + self._b_centred).max(1).sum())
             gram += chunk.T @ chunk
         _, V = np.linalg.eigh(gram / X.shape[0])
         self.residual_basis_ = np.ascontiguousarray(V[:, : d - self.dim_])  # smallest eigenvalues
         self._principal = np.ascontiguousarray(V[:, d - self.dim_ :])
-        residual = sum(self._residual(np.subtract(c, self.origin_, out=c)).sum() for c in iter_rows(X, self.batch_size))
+        for chunk in iter_rows(X, self.batch_size, dtype=np.float32):
+            residual += float(self._residual(np.subtract(chunk, origin32, out=chunk), np.float32).sum())
         self.alpha_ = float(max_logit / residual) if residual > 0 else 0.0
         return self
 
-    def _residual(self, centred: np.ndarray) -> np.ndarray:
+    def _residual(self, centred: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
         """Norm of the part of ``x - u`` outside the principal subspace, by the thinner basis."""
         if self._principal.shape[1] >= self.residual_basis_.shape[1]:
-            return np.linalg.norm(centred @ self.residual_basis_, axis=1)
-        P = centred @ self._principal
-        sq = _row_sq(centred) - _row_sq(P)  # float64: the cancellation does no harm
+            return np.linalg.norm((centred @ self.residual_basis_.astype(dtype)).astype(np.float64), axis=1)
+        P = (centred @ self._principal.astype(dtype)).astype(np.float64)
+        sq = _row_sq(centred.astype(np.float64)) - _row_sq(P)  # float64: the cancellation does no harm
         return np.sqrt(np.maximum(sq, 0.0))
 
     def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
