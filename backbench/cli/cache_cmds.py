@@ -125,6 +125,7 @@ def extract(
 
 def _launch_shards(n: int) -> None:
     """Run this same command as N processes, one per shard; each writes whole chunks only."""
+    import os
     import subprocess
     import sys
 
@@ -141,8 +142,8 @@ def _launch_shards(n: int) -> None:
             continue
         if not a.startswith(("--processes=", "--shard=")):
             base.append(a)
-    env = dict(__import__("os").environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (__import__("os").cpu_count() or 1) // n)))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     procs = [subprocess.Popen([sys.executable, "-m", "backbench", *base, "--shard", f"{i}/{n}"], env=env)
              for i in range(n)]
     codes = [p.wait() for p in procs]

@@ -161,11 +161,13 @@ def load_backbone(name: str | BackboneSpec) -> Backbone:
 
 def state_dict_sha256(state_dict: dict[str, Any]) -> str:
     """A name-independent hash of the weights: tensor shapes, dtypes and bytes, in order."""
+    import torch
+
     h = hashlib.sha256()
     for tensor in state_dict.values():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
