@@ -7,13 +7,13 @@ from typing import List, Optional
 import typer
 
 from backbench.cli import CacheOpt, JsonOpt, app, emit_json, out, table
-from backbench.cli.probe_cmds import CompleteOpt, DeviceOpt, ForceOpt, probe_device
+from backbench.cli.probe_cmds import BackboneOpt, CompleteOpt, DeviceOpt, ForceOpt, probe_device
 from backbench.errors import BackbenchError
 
 
 @app.command()
 def ood(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
+    backbone: str = BackboneOpt,
     id_dataset: str = typer.Option(..., "--id-dataset", help="In-distribution dataset."),
     id_train: str = typer.Option(..., "--id-train", help="ID split the scorers fit on."),
     id_test: str = typer.Option(..., "--id-test", help="ID split scored against the OOD sets."),
@@ -59,7 +59,7 @@ def _ref(text: str) -> tuple[str, str]:
 
 @app.command()
 def shift(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
+    backbone: str = BackboneOpt,
     train: str = typer.Option(..., "--train", help="DATASET:SPLIT to fit the probe on."),
     eval_: str = typer.Option(..., "--eval", help="DATASET:SPLIT, in distribution."),
     shifted: List[str] = typer.Option(..., "--shifted", help="DATASET:SPLIT sets with the same (or a subset of) classes."),

@@ -10,6 +10,8 @@ import typer
 from backbench.cli import CacheOpt, JsonOpt, app, emit_json, table
 from backbench.errors import BackbenchError
 
+BackboneOpt = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted.")
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name in the cache.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 ForceOpt = typer.Option(False, "--force", help="Recompute even if the results log has this record.")
 CompleteOpt = typer.Option(False, "--complete-only", help="Use the finished rows of an incomplete group.")
@@ -47,8 +49,8 @@ def _metrics_row(record: dict, reused: bool) -> dict:
 
 @app.command()
 def probe(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
-    dataset: str = typer.Option(..., "--dataset", "-d"),
+    backbone: str = BackboneOpt,
+    dataset: str = DatasetOpt,
     train: str = typer.Option(..., "--train", help="Split to fit on."),
     eval_: str = typer.Option(..., "--eval", help="Split to evaluate on (never used for selection)."),
     val: Optional[str] = typer.Option(None, "--val", help="Split to select C on (default: 10% of train)."),
@@ -125,8 +127,8 @@ def _main_metric(r: dict) -> str:
 
 @app.command()
 def knn(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
-    dataset: str = typer.Option(..., "--dataset", "-d"),
+    backbone: str = BackboneOpt,
+    dataset: str = DatasetOpt,
     train: str = typer.Option(..., "--train", help="Split that votes (the index)."),
     eval_: str = typer.Option(..., "--eval", help="Split to classify."),
     k: Optional[List[int]] = typer.Option(None, "-k", help="Neighbour counts, e.g. 10 20 100 200 (one search)."),
@@ -161,8 +163,8 @@ def knn(
 
 @app.command()
 def retrieve(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted."),
-    dataset: str = typer.Option(..., "--dataset", "-d"),
+    backbone: str = BackboneOpt,
+    dataset: str = DatasetOpt,
     query: str = typer.Option(..., "--query", help="Split of queries."),
     gallery: str = typer.Option(..., "--gallery", help="Split to search (same split: self excluded)."),
     ks: Optional[List[int]] = typer.Option(None, "--ks", help="Cut-offs for P@k and R@k, e.g. 1 5 10."),
