@@ -152,3 +152,27 @@ def test_concurrent_results_appends_lose_nothing(cache_path):
     records = ResultsLog(Cache(cache_path, mode="r")).records()
     assert len(records) == 80 and {(r["who"], r["i"]) for r in records} == {(w, i) for w in "ab" for i in range(40)}
     assert all(r["metrics"]["pad"] == "y" * 2000 for r in records)
+
+
+def test_schema1_groups_with_hex_crc32_marks_still_read_and_verify(cache_path):
+    """Caches written before schema 2 (CRC-32 as hex strings, "" = not done) keep working."""
+    import zlib
+
+    from conftest import put_group
+
+    X = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    y = np.arange(40) % 2
+    put_group(cache_path, "bench:old", "d", "s", X, y, chunk_rows=16)
+    group = Cache(cache_path).group("bench:old", "d", "s")
+    hexes = [f"{zlib.crc32(y[a:b].astype(np.int64).tobytes(), zlib.crc32(X[a:b].tobytes())):08x}"
+             for a, b in map(group.chunk_bounds, range(group.n_chunks))]
+    hexes[2] = ""  # the last chunk never finished
+    node = group.node
+    del node["chunk_checksum"]
+    node.create_array("chunk_checksum", shape=(3,), dtype=str, chunks=(1,), fill_value="")[:] = np.array(hexes)
+    node.attrs.update({"checksum": "crc32", "complete": False})
+    old = Cache(cache_path).group("bench:old", "d", "s")
+    assert old.done_chunks().tolist() == [True, True, False]
+    assert np.array_equal(old.features(complete_only=True), X[:32])
+    problems, checked = verify(Cache(cache_path, mode="r"))
+    assert (problems, checked) == ([], 2)

@@ -9,7 +9,7 @@ Layout (all readable with plain ``zarr.open_group(path, mode="r")``)::
         labels         (sample,)          int64
         ids            (sample,)          string
         logits         (sample, class)    optional, the backbone's own classifier
-        chunk_checksum   (chunk,)           "" until that row chunk is written, then its checksum
+        chunk_checksum (chunk,)           int64: -1 until that row chunk is written, then its CRC-32
       _results/<key>/                    one group per results record, the record in its attrs
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from backbench.errors import CacheError, GroupNotFound
 from backbench.store.group import FeatureGroup
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: int64 chunk checksums, raw labels (schema 1 caches still read)
 RESULTS = "_results"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
