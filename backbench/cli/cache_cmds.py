@@ -88,6 +88,9 @@ def extract(
     shard: str = typer.Option("0/1", "--shard", help="I/N: extract only the chunks of shard I."),
     on_error: str = typer.Option("fail", "--on-error", help="fail or skip an unreadable image."),
     processes: int = typer.Option(1, "--processes", min=1, help="Launch N local shard processes (--shard i/N)."),
+    decode: str = typer.Option("auto", "--decode",
+                               help="workers (PIL), device (JPEGs on the GPU with nvJPEG) or auto (device on CUDA)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (pays off on long runs)."),
     json_: bool = JsonOpt,
 ) -> None:
     """Extract frozen-backbone features into the cache; reruns resume and skip finished work.
@@ -114,6 +117,7 @@ def extract(
             res = run(name, source, cache=store, dataset=dataset, split=split, batch_size=batch_size,
                       device=device, dtype=dtype, workers=workers, limit=limit, overwrite=overwrite,
                       chunk_rows=chunk_rows, shard=_parse_shard(shard), on_error=on_error, progress=bar,
+                      decode=decode, compile=compile_,
                       on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
                                                 f"group; waiting for it, then doing what is left"))
         results.append(res.to_dict())

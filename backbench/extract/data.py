@@ -38,6 +38,15 @@ class ImageSource:
     def _fingerprint_extra(self) -> Any:
         return None
 
+    @property
+    def has_bytes(self) -> bool:
+        """Whether :meth:`read_bytes` gives each sample's encoded file (for device decoding)."""
+        return type(self).read_bytes is not ImageSource.read_bytes
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file of sample ``index``."""
+        raise NotImplementedError
+
     def fingerprint(self) -> str:
         payload = json.dumps(
             [self.spec.split(":")[0], self.ids, self.labels.tolist(), self.classes, self._fingerprint_extra()]
@@ -82,6 +91,13 @@ class _FileSource(ImageSource):
 
     def load(self, index: int):
         return _open_rgb(self.root / self.ids[index])
+
+    def read_bytes(self, index: int) -> bytes:
+        path = self.root / self.ids[index]
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise SampleError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
     def _fingerprint_extra(self) -> Any:
         return [(self.root / i).stat().st_size if (self.root / i).exists() else -1 for i in self.ids]

@@ -54,20 +54,24 @@ class Preprocess:
     def size(self) -> tuple[int, int]:
         return int(self.input_size[1]), int(self.input_size[2])
 
+    @property
+    def resize_to(self) -> int:
+        """The short side before the center crop: ``floor(min(size) / crop_pct)``."""
+        return math.floor(min(self.size) / self.crop_pct)
+
     def to_uint8(self):
         """A picklable transform PIL image -> ``uint8`` CHW tensor (runs in workers)."""
         from torchvision.transforms import v2
 
-        h, w = self.size
-        scale = math.floor(min(h, w) / self.crop_pct)
+        return v2.Compose([v2.PILToTensor(), self.resize_crop()])
+
+    def resize_crop(self):
+        """Resize and center-crop a ``uint8`` CHW/NCHW tensor on any device."""
+        from torchvision.transforms import v2
+
         interp = v2.InterpolationMode(self.interpolation)
-        return v2.Compose(
-            [
-                v2.PILToTensor(),
-                v2.Resize(scale, interpolation=interp, antialias=True),
-                v2.CenterCrop((h, w)),
-            ]
-        )
+        return v2.Compose([v2.Resize(self.resize_to, interpolation=interp, antialias=True),
+                           v2.CenterCrop(self.size)])
 
     def normalize(self, x):
         """``uint8`` NCHW on any device -> normalized float32 in the same layout."""

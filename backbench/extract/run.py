@@ -20,9 +20,10 @@ import numpy as np
 from backbench.errors import CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
+from backbench.extract.decode import DeviceDecoder, jpeg_payload, provenance, resolve_decode
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache
-from backbench.store.group import PROVENANCE_KEYS, FeatureGroup
+from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for
 from backbench.store.lock import local_file, locked
 
 Progress = Callable[[int, int], None]
@@ -71,13 +72,14 @@ def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
     return sub
 
 
-def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: str, dtype: str) -> dict[str, Any]:
+def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: str, dtype: str,
+                decoding: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "backbench_kind": "features",
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "backbone_info": backbone.describe(),
-        "preprocess": backbone.preprocess.to_dict(),
+        "preprocess": {**backbone.preprocess.to_dict(), **(decoding or {})},
         "feature_kind": "pooled",
         "dataset": dataset,
         "split": split,
@@ -95,8 +97,12 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_classes: int,
-                   *, overwrite: bool, chunk_rows: int | None) -> FeatureGroup:
-    """The group for ``attrs``, created if absent; one made differently is refused."""
+                   *, overwrite: bool, chunk_rows: int | None, batch_size: int = 1) -> FeatureGroup:
+    """The group for ``attrs``, created if absent; one made differently is refused.
+
+    New groups get row chunks of about 4 MiB rounded to whole batches, so no batch is cut
+    short at a chunk boundary (batches never cross chunks).
+    """
     key = (attrs["backbone"], attrs["dataset"], attrs["split"])
     if key in cache:
         group = cache.group(*key)
@@ -109,15 +115,23 @@ def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_cl
                 f"{group.path} exists with a different {what}; pass --overwrite to replace it "
                 f"or extract under another --dataset/--split name"
             )
+    if chunk_rows is None:
+        chunk_rows = chunk_rows_for(dim, np.dtype(attrs["dtype"]).itemsize, n)
+        if chunk_rows >= batch_size:
+            chunk_rows = chunk_rows // batch_size * batch_size
     return cache.create_group(*key, n=n, dim=dim, num_classes=num_classes, dtype=attrs["dtype"],
                               chunk_rows=chunk_rows, attrs=attrs)
 
 
 class _Images:
-    """torch Dataset: index -> (index, uint8 CHW tensor, error text or "")."""
+    """torch Dataset: index -> (index, uint8 CHW tensor, error text or "").
 
-    def __init__(self, source: ImageSource, transform, shape: tuple[int, int, int]) -> None:
-        self.source, self.transform, self.shape = source, transform, shape
+    With ``decode="device"`` a device-decodable JPEG comes back as its bytes (a 1-D uint8
+    tensor) for :class:`~backbench.extract.decode.DeviceDecoder`; everything else is decoded here.
+    """
+
+    def __init__(self, source: ImageSource, transform, shape: tuple[int, int, int], decode: str = "workers") -> None:
+        self.source, self.transform, self.shape, self.decode = source, transform, shape, decode
 
     def __len__(self) -> int:
         return len(self.source)
@@ -126,9 +140,21 @@ class _Images:
         import torch
 
         try:
+            if self.decode == "device":
+                payload = jpeg_payload(self.source.read_bytes(index))
+                if payload is not None:
+                    return index, payload, ""
             return index, self.transform(self.source.load(index)), ""
         except Exception as exc:  # reported per sample by the main process
             return index, torch.zeros(self.shape, dtype=torch.uint8), str(exc) or type(exc).__name__
+
+
+def _collate_lists(batch):
+    """Device decoding: payloads differ in shape, so a batch stays a list."""
+    import torch
+
+    index, payloads, errors = zip(*batch)
+    return torch.as_tensor(index), list(payloads), list(errors)
 
 
 def plan_batches(group: FeatureGroup, batch_size: int, shard: tuple[int, int]) -> list[list[int]]:
@@ -180,49 +206,112 @@ class _ChunkWriter:
             f.result()
 
 
-def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], workers: int, pin: bool):
+def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], workers: int, pin: bool,
+            decode: str = "workers"):
     from torch.utils.data import DataLoader
 
-    ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size)
+    ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode)
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
+    if decode == "device":
+        kw["collate_fn"] = _collate_lists
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
 
 
+def forward_step(backbone: Backbone, device: str, compile: bool | str = False):
+    """uint8 NCHW on the device -> (features, logits): normalize, channels-last and bf16 on
+    CUDA, the forward pass; compiled with ``torch.compile`` when asked (``True`` or a backend)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+
+    def step(x):
+        x = backbone.preprocess.normalize(x)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return backbone.forward(x)
+
+    if compile:
+        return torch.compile(step, dynamic=False, **({} if compile is True else {"backend": compile}))
+    return step
+
+
 def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, batches: list[list[int]], *,
-                device: str, workers: int, on_error: str, progress: Progress | None) -> list[dict[str, str]]:
+                device: str, workers: int, on_error: str, progress: Progress | None, decode: str = "workers",
+                compile: bool | str = False) -> list[dict[str, str]]:
     """Forward every batch and hand its rows to the chunk writer; returns skipped samples."""
     import torch
 
     cuda = device.startswith("cuda")
     model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    step = forward_step(backbone, device, compile)
+    decoder = DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone)) if decode == "device" else None
     total, done, skipped = sum(map(len, batches)), 0, []
     writer = _ChunkWriter(group, source)
+    out_dtype = getattr(torch, np.dtype(group.dtype).name)
+    in_flight: list[tuple[np.ndarray, np.ndarray, Any, Any, Any]] = []
+
+    def finish(rows, labels, feats, logits, event) -> None:
+        if event is not None:
+            event.synchronize()
+        writer.add(rows, feats.numpy(), labels, logits.numpy() if logits is not None else None)
+
     try:
-        for index, x, errors in _loader(source, backbone, batches, workers, pin=cuda):
+        for index, x, errors in _loader(source, backbone, batches, workers, pin=cuda and decoder is None,
+                                        decode=decode):
+            if decoder is not None:
+                x, late = decoder(index.tolist(), x)
+                errors = [late.get(i, e) for i, e in enumerate(errors)]
+            else:
+                x = x.to(device, non_blocking=True)
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
             if bad and on_error == "fail":
                 raise SampleError(f"{bad[0][1]} (sample {source.ids[bad[0][0]]!r}); "
                                   f"fix or remove it, or pass --on-error skip")
-            x = x.to(device, non_blocking=True)
-            x = backbone.preprocess.normalize(x)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                feats, logits = backbone.forward(x)
+            with torch.inference_mode():
+                feats, logits = step(x)
+                # Results come back asynchronously: the device runs this batch while the host
+                # decodes and queues the next one; a batch is written once its copy has landed.
+                feats, logits, event = _to_host(feats, out_dtype), _to_host(logits, out_dtype), None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record()
             rows = index.numpy()
             labels = source.labels[rows].copy()
             for i, err in bad:
                 labels[rows == i] = -1
                 skipped.append({"id": source.ids[i], "error": err})
-            writer.add(rows, feats.float().cpu().numpy(), labels,
-                       logits.float().cpu().numpy() if logits is not None else None)
+            in_flight.append((rows, labels, feats, logits, event))
+            if len(in_flight) > 1:
+                finish(*in_flight.pop(0))
             done += len(rows)
             if progress:
                 progress(done, total)
+        while in_flight:
+            finish(*in_flight.pop(0))
     finally:
         writer.close()
         model.to("cpu")
     return skipped
+
+
+def _to_host(t, dtype):
+    """A device tensor copied (without waiting) to host memory in the cache's dtype."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    if t.device.type == "cpu":
+        return t
+    import torch
+
+    out = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def _cpu_fallback(source: ImageSource, backbone: Backbone):
+    transform = backbone.preprocess.to_uint8()
+    return lambda index: transform(source.load(index))
 
 
 def extract(
@@ -243,32 +332,43 @@ def extract(
     on_error: str = "fail",
     progress: Progress | None = None,
     on_wait: Callable[[], None] | None = None,
+    decode: str = "auto",
+    compile: bool | str = False,
 ) -> ExtractResult:
     """Extract one (backbone, dataset, split) into the cache; resumes and skips finished chunks.
 
     Another process extracting the same group holds its lock: this one waits (``on_wait`` is
-    told), then does only what is left.
+    told), then does only what is left. ``decode``: "workers" (PIL in the DataLoader
+    workers), "device" (JPEGs decoded on the extraction device, see
+    :mod:`backbench.extract.decode`) or "auto" (device on a GPU; a resumed group keeps the
+    decoding it was started with). ``compile``: wrap the forward pass in ``torch.compile``.
     """
     cache = cache if isinstance(cache, Cache) else Cache(cache)
-    batch_size = batch_size or default_batch_size(resolve_device(device))
+    device = resolve_device(device)
+    batch_size = batch_size or default_batch_size(device)
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     src = limit_source(source if isinstance(source, ImageSource) else open_source(source, split), limit)
-    attrs = group_attrs(model, src, dataset, split, dtype)
+    if decode == "auto" and (model.name, dataset, split) in cache and not overwrite:
+        started = cache.group(model.name, dataset, split).attrs.get("preprocess", {})
+        decode = "device" if "decode" in started and src.has_bytes else "workers"
+    decode = resolve_decode(decode, device, src)
+    attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device))
     with locked(local_file(cache.path)):
         group = open_or_create(cache, attrs, len(src), model.feature_dim, model.num_classes,
-                               overwrite=overwrite, chunk_rows=chunk_rows)
+                               overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size)
     # Shards own disjoint chunks and run side by side; a whole-group run takes the group's lock
     # so a second one waits instead of redoing the same chunks (identical bytes either way:
     # every chunk write is an atomic rename of deterministic content).
     lock = local_file(cache.path, group.path, "features") if shard[1] == 1 else None
     with locked(lock, on_wait):
         return _extract_pending(model, group, src, batch_size=batch_size, device=device, workers=workers,
-                                shard=shard, on_error=on_error, progress=progress)
+                                shard=shard, on_error=on_error, progress=progress, decode=decode,
+                                compile=compile)
 
 
 def _extract_pending(model: Backbone, group: FeatureGroup, src: ImageSource, *, batch_size: int, device: str,
                      workers: int | None, shard: tuple[int, int], on_error: str,
-                     progress: Progress | None) -> ExtractResult:
+                     progress: Progress | None, decode: str, compile: bool | str) -> ExtractResult:
     batches = plan_batches(group, batch_size, shard)
     dataset, split = group.attrs["dataset"], group.attrs["split"]
     result = ExtractResult(model.name, dataset, split, len(src), "up-to-date", group=group.path)
@@ -280,7 +380,7 @@ def _extract_pending(model: Backbone, group: FeatureGroup, src: ImageSource, *, 
     started = time.perf_counter()
     skipped = run_batches(model, group, src, batches, device=device,
                           workers=os.cpu_count() or 1 if workers is None else workers,
-                          on_error=on_error, progress=progress)
+                          on_error=on_error, progress=progress, decode=decode, compile=compile)
     seconds = time.perf_counter() - started
     result.rows_written = sum(map(len, batches))
     result.seconds, result.images_per_s = seconds, result.rows_written / max(seconds, 1e-9)
@@ -288,7 +388,8 @@ def _extract_pending(model: Backbone, group: FeatureGroup, src: ImageSource, *, 
     fresh = {s["id"] for s in skipped}
     previous = [s for s in group.attrs.get("skipped", []) if s["id"] not in fresh]
     group.finalize({"skipped": previous + skipped,
-                    "extraction": {"device": device, "batch_size": batch_size,
+                    "extraction": {"device": device, "batch_size": batch_size, "decode": decode,
+                                   "compile": compile,
                                    "images_per_s": round(result.images_per_s, 2)}})
     result.status = "extracted" if group.is_complete else "partial"
     return result

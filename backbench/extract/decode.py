@@ -1,0 +1,123 @@
+"""Decoding JPEGs on the extraction device (nvJPEG on a GPU) instead of in the workers.
+
+With ``decode="device"`` the DataLoader workers only read each file's bytes and look at its
+header; the main process decodes a whole batch with one call of
+:func:`torchvision.io.decode_jpeg` on the device, then resizes and crops on the device with
+the same torchvision functions the workers use. Anything that is not a plain RGB or
+grayscale JPEG (PNG, CMYK, oversized, ...) is decoded by the worker as usual, and a JPEG the
+device refuses is decoded on the CPU in the main process, so each sample gets the same
+treatment (and the same errors) as in ``decode="workers"``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+from backbench.errors import BackbenchError
+from backbench.extract.preprocess import Preprocess
+
+DECODES = ("auto", "workers", "device")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def resolve_decode(decode: str, device: str, source) -> str:
+    """``auto``: on the device when it is a GPU and the source reads files; else in the workers."""
+    if decode not in DECODES:
+        raise BackbenchError(f"--decode {decode!r} is not one of {', '.join(DECODES)}")
+    if decode == "auto":
+        return "device" if device.startswith("cuda") and source.has_bytes else "workers"
+    if decode == "device" and not source.has_bytes:
+        raise BackbenchError(f"--decode device needs image files; {source.spec.split(':')[0]} images are "
+                             f"decoded in the workers (use --decode workers)")
+    return decode
+
+
+def provenance(decode: str, device: str) -> dict[str, str]:
+    """What goes into the group's preprocessing record (nothing for worker decoding)."""
+    return {"decode": f"torchvision-{device.split(':')[0]}"} if decode == "device" else {}
+
+
+def jpeg_payload(data: bytes):
+    """The file's bytes as a 1-D uint8 tensor when the device can decode it, else None."""
+    import torch
+    from PIL import Image
+
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # header only: size and mode
+            w, h = img.size
+            ok = img.format == "JPEG" and img.mode in ("RGB", "L")
+            ok = ok and (Image.MAX_IMAGE_PIXELS is None or w * h <= Image.MAX_IMAGE_PIXELS)
+    except Exception:
+        return None  # the worker path decodes it and reports the error
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if ok else None
+
+
+class DeviceDecoder:
+    """Batches of (JPEG bytes | decoded uint8 CHW) -> one uint8 NCHW batch on ``device``."""
+
+    def __init__(self, preprocess: Preprocess, device: str, fallback) -> None:
+        self.preprocess, self.device = preprocess, device
+        self.fallback = fallback  # index -> uint8 CHW tensor by the CPU path (raises SampleError)
+
+    def _resize_crop(self, images: list[Any]):
+        """Resize/crop each image as the workers would, batching images of equal size."""
+        import torch
+
+        h, w = self.preprocess.size
+        resize_crop = self.preprocess.resize_crop()
+        out = torch.empty((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        for idx in by_shape.values():
+            out[torch.as_tensor(idx, device=self.device)] = resize_crop(torch.stack([images[i] for i in idx]))
+        return out
+
+    def _decode(self, data):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg works as before
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+    def __call__(self, indices: list[int], payloads: list[Any]):
+        """(uint8 NCHW batch on the device, {position: error}) for one batch of payloads.
+
+        JPEG payloads (1-D byte tensors) are decoded on the device; the rest arrive decoded
+        from the workers. A JPEG the device refuses goes through the CPU path, whose error
+        (if any) is the sample's error, exactly as with worker decoding.
+        """
+        import torch
+
+        jpeg = [i for i, p in enumerate(payloads) if p.ndim == 1]
+        decoded: dict[int, Any] = {}
+        if jpeg:
+            try:
+                images = self._decode([payloads[i] for i in jpeg])
+                decoded = dict(zip(jpeg, images))
+            except RuntimeError:  # one bad file fails the batch: decode one by one
+                for i in jpeg:
+                    try:
+                        decoded[i] = self._decode(payloads[i])
+                    except RuntimeError:
+                        pass
+        h, w = self.preprocess.size
+        out = torch.empty((len(payloads), 3, h, w), dtype=torch.uint8, device=self.device)
+        if decoded:
+            out[torch.as_tensor(list(decoded), device=self.device)] = self._resize_crop(list(decoded.values()))
+        errors: dict[int, str] = {}
+        for i, p in enumerate(payloads):
+            if i in decoded:
+                continue
+            if p.ndim == 1:  # refused by the device
+                try:
+                    p = self.fallback(indices[i])
+                except Exception as exc:
+                    errors[i] = str(exc) or type(exc).__name__
+                    p = torch.zeros((3, h, w), dtype=torch.uint8)
+            out[i] = p.to(self.device, non_blocking=True)
+        return out, errors

@@ -1,0 +1,106 @@
+"""Decoding JPEGs on the extraction device, and torch.compile: the same pixels, the same features.
+
+On this CPU machine ``decode="device"`` runs torchvision's batched ``decode_jpeg`` on the
+CPU; on a GPU the same code path hands the batch to nvJPEG (bench/gpu.py measures it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backbench.errors import BackbenchError, CacheMismatch, SampleError
+from backbench.extract.backbones import load_backbone
+from backbench.extract.data import Digits, ImageFolder, _open_rgb
+from backbench.extract.decode import DeviceDecoder, jpeg_payload
+from backbench.extract.run import extract
+from backbench.store import Cache
+
+RESNET = "timm:test_resnet@random"
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+    """JPEGs of several sizes (baseline, progressive, 4:4:4, grayscale), a PNG and a CMYK JPEG."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "jpegs"
+    specs = [("a", (40, 50), "RGB", {}), ("a", (40, 50), "RGB", {}), ("a", (64, 48), "L", {}),
+             ("b", (37, 61), "RGB", {"progressive": True}), ("b", (45, 45), "RGB", {"subsampling": 0}),
+             ("b", (33, 70), "CMYK", {})]
+    for i, (cls, (h, w), mode, kw) in enumerate(specs):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        img.save(root / cls / f"{i}.jpg", quality=90, **kw)
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(root / "b" / "png.png")
+    return root
+
+
+def test_device_decode_gives_the_workers_pixels(jpegs):
+    bb = load_backbone(RESNET)
+    src = ImageFolder(jpegs)
+    payloads = [jpeg_payload(src.read_bytes(i)) for i in range(len(src))]
+    kinds = {src.ids[i]: p is not None for i, p in enumerate(payloads)}
+    assert kinds == {"a/0.jpg": True, "a/1.jpg": True, "a/2.jpg": True, "b/3.jpg": True, "b/4.jpg": True,
+                     "b/5.jpg": False, "b/png.png": False}  # CMYK and PNG stay with the workers
+    tf = bb.preprocess.to_uint8()
+    payloads = [p if p is not None else tf(src.load(i)) for i, p in enumerate(payloads)]
+    out, errors = DeviceDecoder(bb.preprocess, "cpu", None)(list(range(len(src))), payloads)
+    assert errors == {}
+    for i in range(len(src)):
+        assert torch.equal(out[i], tf(_open_rgb(jpegs / src.ids[i]))), src.ids[i]
+
+
+def test_device_decode_extracts_the_same_features_and_records_it(jpegs, cache_path):
+    a = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="workers",
+                decode="workers", workers=0, batch_size=3)
+    b = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="device",
+                decode="device", workers=2, batch_size=3)
+    assert a.rows_written == b.rows_written == 7
+    cache = Cache(cache_path, mode="r")
+    gw, gd = cache.group(RESNET, "j", "workers"), cache.group(RESNET, "j", "device")
+    np.testing.assert_array_equal(gw.features(), gd.features())
+    assert "decode" not in gw.attrs["preprocess"]
+    assert gd.attrs["preprocess"]["decode"] == "torchvision-cpu"
+    assert gd.attrs["extraction"]["decode"] == "device"
+
+
+def test_resume_keeps_its_decoding_and_refuses_another(jpegs, cache_path):
+    extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device", workers=0)
+    again = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", workers=0)  # auto
+    assert again.status == "up-to-date"
+    with pytest.raises(CacheMismatch, match="preprocess"):
+        extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="workers",
+                workers=0)
+
+
+def test_device_decode_names_a_truncated_jpeg(jpegs, cache_path):
+    data = (jpegs / "a" / "0.jpg").read_bytes()
+    (jpegs / "a" / "0.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SampleError, match=r"a/0\.jpg.*truncated.*--on-error skip"):
+        extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device",
+                workers=0)
+    res = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device",
+                  workers=0, on_error="skip")
+    assert [s["id"] for s in res.skipped] == ["a/0.jpg"]
+
+
+def test_device_decode_needs_files(cache_path, run_cli):
+    with pytest.raises(BackbenchError, match="--decode device needs image files"):
+        extract(RESNET, "digits", cache=cache_path, dataset="d", split="test", decode="device", limit=8)
+    code, out, err = run_cli("extract", RESNET, "--data", "digits", "--dataset", "d", "--split", "test",
+                             "--limit", "8", "--decode", "gpu", "--cache", cache_path)
+    assert code == 1 and "--decode 'gpu' is not one of auto, workers, device" in err
+
+
+def test_compiled_forward_gives_the_same_features(cache_path):
+    """torch.compile (here its eager backend: no C++ toolchain needed) changes nothing stored."""
+    plain = extract(RESNET, Digits("test"), cache=cache_path, dataset="d", split="plain", limit=40, workers=0)
+    compiled = extract(RESNET, Digits("test"), cache=cache_path, dataset="d", split="compiled", limit=40,
+                       workers=0, compile="eager")
+    assert plain.rows_written == compiled.rows_written == 40
+    cache = Cache(cache_path, mode="r")
+    np.testing.assert_array_equal(cache.group(RESNET, "d", "plain").features(),
+                                  cache.group(RESNET, "d", "compiled").features())
+    assert cache.group(RESNET, "d", "compiled").attrs["extraction"]["compile"] == "eager"
