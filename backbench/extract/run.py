@@ -149,12 +149,25 @@ class _Images:
             return index, torch.zeros(self.shape, dtype=torch.uint8), str(exc) or type(exc).__name__
 
 
-def _collate_lists(batch):
-    """Device decoding: payloads differ in shape, so a batch stays a list."""
+def _collate_packed(batch):
+    """Device decoding: a batch's JPEG bytes packed into one tensor (one shared-memory
+    transfer per batch, not one per image), the worker-decoded images stacked into another."""
     import torch
 
     index, payloads, errors = zip(*batch)
-    return torch.as_tensor(index), list(payloads), list(errors)
+    jpeg = [p.ndim == 1 for p in payloads]
+    data = torch.cat([p for p, j in zip(payloads, jpeg) if j]) if any(jpeg) else torch.zeros(0, dtype=torch.uint8)
+    lengths = torch.as_tensor([len(p) for p, j in zip(payloads, jpeg) if j], dtype=torch.int64)
+    decoded = [p for p, j in zip(payloads, jpeg) if not j]
+    images = torch.stack(decoded) if decoded else torch.zeros(0, dtype=torch.uint8)
+    return torch.as_tensor(index), (torch.as_tensor(jpeg), data, lengths, images), list(errors)
+
+
+def _unpack(packed) -> list:
+    """The per-sample payloads of :func:`_collate_packed`: byte views and decoded images."""
+    jpeg, data, lengths, images = packed
+    chunks, decoded = iter(data.split(lengths.tolist())), iter(images)
+    return [next(chunks) if j else next(decoded) for j in jpeg.tolist()]
 
 
 def plan_batches(group: FeatureGroup, batch_size: int, shard: tuple[int, int]) -> list[list[int]]:
@@ -213,7 +226,7 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
     ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode)
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
     if decode == "device":
-        kw["collate_fn"] = _collate_lists
+        kw["collate_fn"] = _collate_packed
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
 
 
@@ -260,7 +273,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
         for index, x, errors in _loader(source, backbone, batches, workers, pin=cuda and decoder is None,
                                         decode=decode):
             if decoder is not None:
-                x, late = decoder(index.tolist(), x)
+                x, late = decoder(index.tolist(), _unpack(x))
                 errors = [late.get(i, e) for i, e in enumerate(errors)]
             else:
                 x = x.to(device, non_blocking=True)
