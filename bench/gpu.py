@@ -151,7 +151,7 @@ def main() -> None:
         report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
         report("extract_device_decode", end_to_end(bb, root, folder, args.batch_size, "device", False, None))
         report("extract_worker_decode", end_to_end(bb, root, folder, args.batch_size, "workers", False,
-                                                   args.images // 5))
+                                                   args.images // 10))
         res["ratio_device_decode"] = round(res["extract_device_decode"]["wall_images_per_s"]
                                            / res["bare_images_per_s"], 3)
         report("ratio_device_decode", res["ratio_device_decode"])

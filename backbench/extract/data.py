@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,8 +100,34 @@ class _FileSource(ImageSource):
         except OSError as exc:
             raise SampleError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
+    _sizes: dict[str, int] | None = None  # file sizes seen while listing (saves a stat per file)
+
     def _fingerprint_extra(self) -> Any:
-        return [(self.root / i).stat().st_size if (self.root / i).exists() else -1 for i in self.ids]
+        sizes, root = self._sizes or {}, str(self.root)
+        return [sizes[i] if i in sizes else _size(os.path.join(root, i)) for i in self.ids]
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _list_images(folder: str, prefix: str) -> dict[str, int]:
+    """{relative posix path: size} of the image files under ``folder``, recursively (os.scandir:
+    one stat per file, no pathlib objects; an ImageNet-size folder lists in seconds)."""
+    out: dict[str, int] = {}
+    stack = [(folder, prefix)]
+    while stack:
+        here, rel = stack.pop()
+        with os.scandir(here) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, f"{rel}/{e.name}"))
+                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
+                    out[f"{rel}/{e.name}"] = e.stat().st_size
+    return out
 
 
 class ImageFolder(_FileSource):
@@ -116,13 +143,11 @@ class ImageFolder(_FileSource):
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.classes:
             raise DataSourceError(f"{str(self.root)!r} holds no class folders; expected PATH/<class>/<image>")
-        ids, labels = [], []
+        ids, labels, self._sizes = [], [], {}
         for label, name in enumerate(self.classes):
-            files = sorted(
-                p.relative_to(self.root).as_posix()
-                for p in (self.root / name).rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
+            found = _list_images(str(self.root / name), name)
+            self._sizes.update(found)
+            files = sorted(found)
             if not files:
                 raise DataSourceError(f"class folder {str(self.root / name)!r} holds no images; remove it or add images")
             ids += files

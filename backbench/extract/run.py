@@ -7,6 +7,7 @@ after its data: a chunk without one is redone on the next run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -259,6 +260,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
     model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     step = forward_step(backbone, device, compile)
     decoder = DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone)) if decode == "device" else None
+    side = torch.cuda.Stream() if cuda and decoder is not None else None
     total, done, skipped = sum(map(len, batches)), 0, []
     writer = _ChunkWriter(group, source)
     out_dtype = getattr(torch, np.dtype(group.dtype).name)
@@ -273,7 +275,13 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
         for index, x, errors in _loader(source, backbone, batches, workers, pin=cuda and decoder is None,
                                         decode=decode):
             if decoder is not None:
-                x, late = decoder(index.tolist(), _unpack(x))
+                # Decoding runs on a side stream: the host blocks on it while the device is
+                # still busy with the previous batch's forward pass, which it thus overlaps.
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    x, late = decoder(index.tolist(), _unpack(x))
+                if side is not None:
+                    torch.cuda.current_stream().wait_stream(side)
+                    x.record_stream(torch.cuda.current_stream())
                 errors = [late.get(i, e) for i, e in enumerate(errors)]
             else:
                 x = x.to(device, non_blocking=True)
