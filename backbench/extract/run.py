@@ -272,18 +272,11 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
         writer.add(rows, feats.numpy(), labels, logits.numpy() if logits is not None else None)
 
     try:
-        for index, x, errors in _loader(source, backbone, batches, workers, pin=cuda and decoder is None,
-                                        decode=decode):
-            if decoder is not None:
-                # Decoding runs on a side stream: the host blocks on it while the device is
-                # still busy with the previous batch's forward pass, which it thus overlaps.
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    x, late = decoder(index.tolist(), _unpack(x))
-                if side is not None:
-                    torch.cuda.current_stream().wait_stream(side)
-                    x.record_stream(torch.cuda.current_stream())
-                errors = [late.get(i, e) for i, e in enumerate(errors)]
-            else:
+        batches_in = _loader(source, backbone, batches, workers, pin=cuda and decoder is None, decode=decode)
+        if decoder is not None:
+            batches_in = _decode_ahead(batches_in, decoder, side)
+        for index, x, errors in batches_in:
+            if decoder is None:
                 x = x.to(device, non_blocking=True)
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
             if bad and on_error == "fail":
@@ -314,6 +307,38 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
         writer.close()
         model.to("cpu")
     return skipped
+
+
+def _decode_ahead(loader, decoder, side):
+    """Device decoding one batch ahead, on a thread and (on CUDA) a side stream: the host
+    waits on batch i+1's decode while the device still runs batch i's forward pass."""
+    import torch
+
+    def work(index, packed, errors):
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            x, late = decoder(index.tolist(), _unpack(packed))
+            ready = side.record_event() if side is not None else None
+        return index, x, [late.get(i, e) for i, e in enumerate(errors)], ready
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backbench-decode") as pool:
+        pending = None
+        for batch in loader:
+            future = pool.submit(work, *batch)
+            if pending is not None:
+                yield _ready(*pending.result())
+            pending = future
+        if pending is not None:
+            yield _ready(*pending.result())
+
+
+def _ready(index, x, errors, event):
+    """Make the current stream wait for a batch decoded on the side stream."""
+    if event is not None:
+        import torch
+
+        torch.cuda.current_stream().wait_event(event)
+        x.record_stream(torch.cuda.current_stream())
+    return index, x, errors
 
 
 def _to_host(t, dtype):
