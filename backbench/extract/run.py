@@ -261,6 +261,11 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
     step = forward_step(backbone, device, compile)
     decoder = DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone)) if decode == "device" else None
     side = torch.cuda.Stream() if cuda and decoder is not None else None
+    # The forward pass runs on its own (non-blocking) stream, so work that a library queues on
+    # the legacy default stream (nvJPEG in some torchvision versions) cannot serialize with it.
+    compute = torch.cuda.Stream() if side is not None else None
+    if compute is not None:
+        compute.wait_stream(torch.cuda.current_stream())
     total, done, skipped = sum(map(len, batches)), 0, []
     writer = _ChunkWriter(group, source)
     out_dtype = getattr(torch, np.dtype(group.dtype).name)
@@ -274,7 +279,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
     try:
         batches_in = _loader(source, backbone, batches, workers, pin=cuda and decoder is None, decode=decode)
         if decoder is not None:
-            batches_in = _decode_ahead(batches_in, decoder, side)
+            batches_in = _decode_ahead(batches_in, decoder, side, compute)
         for index, x, errors in batches_in:
             if decoder is None:
                 x = x.to(device, non_blocking=True)
@@ -282,7 +287,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
             if bad and on_error == "fail":
                 raise SampleError(f"{bad[0][1]} (sample {source.ids[bad[0][0]]!r}); "
                                   f"fix or remove it, or pass --on-error skip")
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.cuda.stream(compute) if compute is not None else contextlib.nullcontext():
                 feats, logits = step(x)
                 # Results come back asynchronously: the device runs this batch while the host
                 # decodes and queues the next one; a batch is written once its copy has landed.
@@ -309,7 +314,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
     return skipped
 
 
-def _decode_ahead(loader, decoder, side):
+def _decode_ahead(loader, decoder, side, compute=None):
     """Device decoding one batch ahead, on a thread and (on CUDA) a side stream: the host
     waits on batch i+1's decode while the device still runs batch i's forward pass."""
     import torch
@@ -325,19 +330,20 @@ def _decode_ahead(loader, decoder, side):
         for batch in loader:
             future = pool.submit(work, *batch)
             if pending is not None:
-                yield _ready(*pending.result())
+                yield _ready(*pending.result(), compute)
             pending = future
         if pending is not None:
-            yield _ready(*pending.result())
+            yield _ready(*pending.result(), compute)
 
 
-def _ready(index, x, errors, event):
-    """Make the current stream wait for a batch decoded on the side stream."""
+def _ready(index, x, errors, event, compute=None):
+    """Make the compute stream wait for a batch decoded on the side stream."""
     if event is not None:
         import torch
 
-        torch.cuda.current_stream().wait_event(event)
-        x.record_stream(torch.cuda.current_stream())
+        stream = compute or torch.cuda.current_stream()
+        stream.wait_event(event)
+        x.record_stream(stream)
     return index, x, errors
 
 
