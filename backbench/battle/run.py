@@ -7,8 +7,10 @@ is reported and the rest still run; cells that need a failed extraction are skip
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import traceback
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -110,9 +112,11 @@ class _Extractor:
         if cell.backbone not in self.loaded:
             self.loaded = {cell.backbone: load_backbone(cell.backbone)}  # keep one model in memory
         ds = self.config.datasets[cell.dataset]
+        # a daemonic process (a dask worker) cannot start DataLoader workers: decode in-process
+        workers = 0 if multiprocessing.current_process().daemon else self.config.workers
         res = extract(self.loaded[cell.backbone], ds.splits[cell.split], cache=self.cache, dataset=ds.name,
                       split=cell.split, limit=ds.limit, batch_size=self.config.batch_size, device=self.config.device,
-                      workers=self.config.workers, progress=progress)
+                      workers=workers, progress=progress)
         return "reused" if res.status == "up-to-date" else "done"
 
 
@@ -159,3 +163,68 @@ def _missing_inputs(cell: Cell, config: BattleConfig, failed: set[tuple[str, str
     need = _refs(config, config.datasets[cell.dataset], cell.stage)
     bad = sorted(f"{d}/{s}" for d, s in need if (cell.backbone, d, s) in failed)
     return ", ".join(bad)
+
+
+def _run_cell(cell: Cell, config: BattleConfig, cache_path: str, device: str, *inputs: CellResult) -> CellResult:
+    """One cell on a dask worker: it opens the cache itself; ``inputs`` are the extraction
+    cells it needs (dask runs it after them); a failed one makes this cell skipped."""
+    started = time.perf_counter()
+    result = CellResult(cell, "done")
+    bad = sorted(f"{r.cell.dataset}/{r.cell.split}" for r in inputs if r.status in ("failed", "skipped"))
+    try:
+        if bad:
+            result.status, result.message = "skipped", f"needs {', '.join(bad)}, whose extraction failed"
+        elif cell.stage == "extract":
+            result.status = _Extractor(config, Cache(cache_path))(cell, None)
+        else:
+            pairs = _task(cell, config, Cache(cache_path, mode="r+"), device)
+            result.records = len(pairs)
+            result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
+    except BackbenchError as exc:
+        result.status, result.message = "failed", str(exc)
+    except Exception as exc:
+        result.status = "failed"
+        result.message = f"unexpected {type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2)}"
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def run_battle_dask(config: BattleConfig, cache: Cache, client, *,
+                    on_done: Callable[[CellResult], None] | None = None, retries: int = 2) -> BattleSummary:
+    """Every cell as a dask task on ``client`` (a ``dask.distributed.Client``).
+
+    Extraction cells run first, in parallel; each task cell depends on the extraction cells of
+    the splits it reads. Cells are idempotent (extraction resumes by chunk, results records
+    are atomic and reused), so a task lost with its worker is simply run again elsewhere
+    (dask reschedules it; ``retries`` more for errors raised by the task itself). The cache
+    must be visible to every worker at the same path or URL.
+    """
+    from dask.distributed import as_completed
+
+    from backbench.extract.run import resolve_device
+
+    device = resolve_device(config.device)
+    cells = plan(config)
+    futures, extraction, run_id = {}, {}, uuid.uuid4().hex[:8]
+    for cell in cells:
+        if cell.stage != "extract":
+            continue
+        f = client.submit(_run_cell, cell, config, cache.path, device, key=f"backbench-{run_id}-{cell.label}",
+                          pure=False, retries=retries)
+        futures[f], extraction[(cell.backbone, cell.dataset, cell.split)] = cell, f
+    for cell in cells:
+        if cell.stage == "extract":
+            continue
+        deps = [extraction[(cell.backbone, d, s)] for d, s in sorted(_refs(config, config.datasets[cell.dataset],
+                                                                           cell.stage))
+                if (cell.backbone, d, s) in extraction]
+        f = client.submit(_run_cell, cell, config, cache.path, device, *deps, key=f"backbench-{run_id}-{cell.label}",
+                          pure=False, retries=retries)
+        futures[f] = cell
+    done: dict[Cell, CellResult] = {}
+    for f in as_completed(list(futures)):
+        result = f.result()
+        done[futures[f]] = result
+        if on_done:
+            on_done(result)
+    return BattleSummary([done[c] for c in cells])

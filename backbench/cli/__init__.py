@@ -7,8 +7,10 @@ options and the output helpers (tables, ``--json``, one-line errors).
 from __future__ import annotations
 
 import json
+import contextvars
 import sys
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +36,19 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 CacheOpt = typer.Option(None, "--cache", envvar="BACKBENCH_CACHE",
                         help="Feature cache (default: $BACKBENCH_CACHE, else ./features.zarr).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
+
+
+def _set_memory_limit(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        from backbench.probe.stream import _LIMIT, parse_size
+
+        _LIMIT.set(parse_size(value))
+    return value
+
+
+MemoryOpt = typer.Option(None, "--memory-limit", envvar="BACKBENCH_MEMORY_LIMIT", callback=_set_memory_limit,
+                         help="Stream features from the cache above this much float32 data "
+                              "(8GB, 500MB; 0 = always). Default: half the free memory.")
 
 
 @app.callback()
@@ -89,6 +104,27 @@ def expand_multi(args: list[str]) -> list[str]:
     return out_args
 
 
+@contextmanager
+def _notes() -> Iterator[None]:
+    """Library warnings meant for the user (results not recorded) become one-line notes on stderr."""
+    import warnings
+
+    from backbench.report.results import ResultsNotRecorded
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ResultsNotRecorded)
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kw) -> None:
+            if issubclass(category, ResultsNotRecorded):
+                err.print(f"[yellow]note:[/] {escape(str(message))}")
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one-line errors, non-zero exit codes, tracebacks only with --debug."""
     import click
@@ -97,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     debug = "--debug" in args
     _register_commands()
     try:
-        code = app(args=args, standalone_mode=False, prog_name="backbench")
+        with _notes():  # a fresh context per call: options such as --memory-limit never leak into the next one
+            code = contextvars.copy_context().run(app, args=args, standalone_mode=False, prog_name="backbench")
         if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
             sys.exit(code)
     except click.exceptions.Exit as exc:

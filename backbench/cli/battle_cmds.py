@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from backbench.cli import JsonOpt, app, emit_json, err, out, table
+from backbench.cli import JsonOpt, MemoryOpt, app, emit_json, err, out, table
 from backbench.errors import BackbenchError
 
 
@@ -24,6 +24,11 @@ def battle(
     cache: Optional[str] = typer.Option(None, "--cache", help="Cache (default: the config's, else battle.zarr)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides the config)."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the built-in default config and exit."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Run the cells on a local dask cluster of N worker processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Run the cells on the dask cluster at ADDRESS (tcp://host:8786)."),
+    memory_limit: Optional[str] = MemoryOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Run every stage for backbones × datasets × tasks and rank the backbones.
@@ -32,6 +37,7 @@ def battle(
     interrupted battle finishes when rerun. A failing cell is reported; the rest still runs.
 
     Example:  backbench battle            (the built-in default: EfficientNet-Lite on digits)
+    Example:  backbench battle my.toml --workers 4    (cells as tasks on a local dask cluster)
     """
     from dataclasses import replace
 
@@ -47,6 +53,8 @@ def battle(
         cfg = replace(cfg, device=device)
     store = Cache(cache or cfg.cache or "battle.zarr")
     cells = plan(cfg)
+    if workers or scheduler:
+        return _finish(_battle_on_dask(cfg, store, len(cells), workers, scheduler), store, json_)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=err) as bar:
         overall = bar.add_task("battle", total=len(cells), detail="")
@@ -61,6 +69,37 @@ def battle(
 
         summary = run_battle(cfg, store, on_start=start, on_done=lambda r: bar.advance(overall), progress=images)
     _finish(summary, store, json_)
+
+
+def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler: Optional[str]):
+    """The battle's cells as tasks on a dask cluster: local (``workers``) or at ``scheduler``."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    from backbench.battle.run import run_battle_dask
+
+    if workers and scheduler:
+        raise BackbenchError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
+    with Progress(TextColumn("[bold]battle on dask"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[detail]}"), console=err) as bar:
+        task = bar.add_task("battle", total=n_cells, detail="")
+
+        def done(r) -> None:
+            bar.update(task, advance=1, detail=f"{r.cell.stage} {r.cell.backbone} {r.cell.dataset}: {r.status}")
+
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout="20s")
+            except OSError as exc:
+                raise BackbenchError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); "
+                                     f"start one with `dask scheduler` or use --workers N") from None
+            with client:
+                return run_battle_dask(cfg, store, client, on_done=done)
+        # non-daemonic workers may start DataLoader processes; one thread each: torch uses the cores
+        with dask.config.set({"distributed.worker.daemon": False}), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             dashboard_address=None) as cluster, Client(cluster) as client:
+            return run_battle_dask(cfg, store, client, on_done=done)
 
 
 def _finish(summary, store, json_: bool) -> None:

@@ -1,4 +1,4 @@
-"""Commands that build and inspect the cache: models, extract, ls, info, export."""
+"""Commands that build and inspect the cache: models, extract, ls, info, export, import, merge."""
 
 from __future__ import annotations
 
@@ -289,3 +289,56 @@ def unpack(
         return emit_json(result)
     out.print(f"unpacked {len(result['groups'])} group(s), {result['records']} record(s); "
               f"{result['chunks_verified']} chunk(s) verified")
+
+
+@app.command()
+def merge(
+    caches: List[str] = typer.Argument(..., help="Caches to combine (read only)."),
+    into: str = typer.Option(..., "--into", help="Target cache, created if absent (not one of the inputs)."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Merge caches into one: every group and results record; chunks verified, conflicts refused.
+
+    Example:  backbench merge a.zarr b.zarr --into all.zarr
+    """
+    from backbench.store.merge import merge_caches
+
+    result = merge_caches(list(caches), into)
+    if json_:
+        return emit_json(result)
+    incomplete = result["incomplete"]
+    out.print(f"merged {len(caches)} cache(s) into {into}: {len(result['groups_copied'])} group(s) copied "
+              f"({result['chunks_copied']} chunk(s) verified), {len(result['groups_present'])} already present, "
+              f"{result['records_copied']} record(s) copied"
+              + (f"; {len(incomplete)} incomplete (finish with `backbench extract`)" if incomplete else ""))
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="HDF5 file from `backbench export`, or features from another tool."),
+    cache: Optional[str] = CacheOpt,
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
+                                           help="Backbone name for other tools' files (exports: pick groups)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name in the cache, e.g. pets."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split name in the cache, e.g. train."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 (default) or float32, for other tools' files."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Import an HDF5 file: a `backbench export`, or features + labels from another tool (thingsvision).
+
+    Example:  backbench import clip_train.h5 --backbone thingsvision:clip --dataset pets --split train
+    """
+    from backbench.store import Cache
+    from backbench.store.export import import_report
+
+    result = import_report(file, Cache(cache), backbone=backbone, dataset=dataset, split=split, dtype=dtype)
+    if json_:
+        return emit_json(result)
+    present, incomplete = result["already_present"], result["incomplete"]
+    if not result["groups"]:
+        out.print(f"{file}: {len(present)} group(s) already present in {result['cache']}, nothing to do")
+        return
+    out.print(f"imported {len(result['groups'])} group(s) from {file} into {result['cache']} "
+              f"({result['chunks_copied']} chunk(s))"
+              + (f", {len(present)} already present" if present else "")
+              + (f"; {len(incomplete)} incomplete as exported" if incomplete else ""))

@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from backbench.cli import CacheOpt, JsonOpt, app, emit_json, table
+from backbench.cli import CacheOpt, JsonOpt, MemoryOpt, app, emit_json, table
 from backbench.errors import BackbenchError
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted.")
@@ -60,6 +60,7 @@ def probe(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
 ) -> None:
@@ -138,6 +139,7 @@ def knn(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
 ) -> None:
@@ -172,6 +174,7 @@ def retrieve(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
 ) -> None:

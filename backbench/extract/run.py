@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backbench.errors import CacheMismatch, SampleError
+from backbench.errors import CacheError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
 from backbench.extract.decode import DeviceDecoder, jpeg_payload, provenance, resolve_decode
@@ -396,6 +396,7 @@ def extract(
     decoding it was started with). ``compile``: wrap the forward pass in ``torch.compile``.
     """
     cache = cache if isinstance(cache, Cache) else Cache(cache)
+    cache.require_writable("extract")  # http(s):// caches are read-only: refuse before loading a model
     device = resolve_device(device)
     batch_size = batch_size or default_batch_size(device)
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
@@ -405,6 +406,8 @@ def extract(
         decode = "device" if "decode" in started and src.has_bytes else "workers"
     decode = resolve_decode(decode, device, src)
     attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device))
+    if cache.is_url and shard[0] > 0:  # no locks at URLs: shard 0 alone creates the group
+        _await_group(cache, attrs, len(src), shard, on_wait)
     with locked(local_file(cache.path)):
         group = open_or_create(cache, attrs, len(src), model.feature_dim, model.num_classes,
                                overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size)
@@ -416,6 +419,34 @@ def extract(
         return _extract_pending(model, group, src, batch_size=batch_size, device=device, workers=workers,
                                 shard=shard, on_error=on_error, progress=progress, decode=decode,
                                 compile=compile)
+
+
+SHARD_WAIT_S = 600.0  # how long shards 1..N-1 of a URL cache wait for shard 0 to create the group
+
+
+def _await_group(cache: Cache, attrs: dict[str, Any], n: int, shard: tuple[int, int],
+                 on_wait: Callable[[], None] | None, timeout: float = SHARD_WAIT_S) -> None:
+    """Wait until shard 0 has created the group (made as ``attrs`` asks) in a cache at a URL.
+
+    Stores at URLs have no cross-process locks, so shards that all created the group at once
+    would replace one another's chunks; only shard 0 creates it, the others open it.
+    """
+    key = (attrs["backbone"], attrs["dataset"], attrs["split"])
+    deadline, told = time.monotonic() + timeout, False
+    while True:
+        if key in cache:
+            group = cache.group(*key)
+            if not _mismatch(group.attrs, attrs) and group.n == n:
+                return
+        if time.monotonic() > deadline:
+            raise CacheError(
+                f"shard {shard[0]}/{shard[1]} waited {timeout:.0f}s for shard 0/{shard[1]} to create "
+                f"{cache.group_path(*key)} in {cache.path}; start shard 0 (it creates groups at URLs) and rerun"
+            )
+        if on_wait and not told:
+            on_wait()
+            told = True
+        time.sleep(0.5)
 
 
 def _extract_pending(model: Backbone, group: FeatureGroup, src: ImageSource, *, batch_size: int, device: str,

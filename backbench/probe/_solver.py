@@ -26,19 +26,31 @@ PRECONDITION_ROWS = 16384  # rows sampled to estimate the covariance
 FTOL = 1e-9  # relative decrease of f that counts as float32 noise
 
 
-def moments(X: torch.Tensor, weights: torch.Tensor, standardize: bool):
+def _blocks(X, device, block_rows: int = BLOCK_ROWS):
+    """``(start, float32 tensor)`` row blocks of a tensor or of a lazy :class:`GroupRows` (streamed)."""
+    from backbench.probe.stream import blocks
+
+    for start, rows in blocks(X, block_rows):
+        yield start, rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows).to(device)
+
+
+def _device(X):
+    return X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
+
+
+def moments(X, weights: torch.Tensor, standardize: bool):
     """Weighted mean and scale of the columns of ``X`` (two blockwise passes); raises on NaN/inf."""
-    mean = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-    for i in range(0, len(X), BLOCK_ROWS):
-        mean += (weights[i : i + BLOCK_ROWS] @ X[i : i + BLOCK_ROWS]).double()
+    mean = torch.zeros(X.shape[1], dtype=torch.float64, device=_device(X))
+    for i, Xb in _blocks(X, mean.device):
+        mean += (weights[i : i + len(Xb)] @ Xb).double()
     if not bool(torch.isfinite(mean).all()):
         raise ProbeInputError("X contains NaN or infinite values; drop or impute them before probing")
     if not standardize:
         return torch.zeros_like(mean), torch.ones_like(mean)
     var = torch.zeros_like(mean)
     m32 = mean.float()
-    for i in range(0, len(X), BLOCK_ROWS):
-        var += (weights[i : i + BLOCK_ROWS] @ (X[i : i + BLOCK_ROWS] - m32).square_()).double()
+    for i, Xb in _blocks(X, mean.device):
+        var += (weights[i : i + len(Xb)] @ (Xb - m32).square_()).double()
     scale = var.sqrt()
     constant = scale <= 1e-6 * torch.clamp(mean.abs(), min=1.0)  # as StandardScaler: leave as is
     return mean, torch.where(constant, torch.ones_like(scale), scale)
@@ -66,22 +78,33 @@ class Objective:
         return W, W_eff, theta[:, self.Kd :].reshape(-1) - W_eff @ self.mu
 
     def __call__(self, theta, lam):
-        """``(f (B,) float64, gradient (B, P))`` with L2 strengths ``lam`` (B,)."""
-        (n, d), B, K = self.X.shape, theta.shape[0], self.K
+        """``(f (B,) float64, gradient (B, P))`` with L2 strengths ``lam`` (B,).
+
+        An in-memory ``X`` is one block; a streamed one (:class:`GroupRows`) is read chunk by
+        chunk, the gradient summed over chunks: the same minimizer, one pass per call.
+        """
+        B, K = theta.shape[0], self.K
         W, W_eff, b_eff = self.effective(theta)
-        Z = torch.addmm(b_eff, self.X, W_eff.t())
-        Z3 = Z.view(n, B, K)
-        idx = self.yidx.expand(n, B, 1)
-        zy = Z3.gather(2, idx)
-        m = Z3.amax(2, keepdim=True)
-        Z3.sub_(m).exp_()
-        s = Z3.sum(2, keepdim=True)
-        rows = (s.log() + m - zy).squeeze(2)
-        f = self.w.double() @ rows.double() + 0.5 * lam * W.view(B, -1).double().square().sum(1)
-        Z3.div_(s).scatter_add_(2, idx, torch.full_like(zy, -1.0))  # softmax - onehot
-        Z.mul_(self.w[:, None])
-        gb = Z.sum(0)
-        gW = (torch.mm(Z.t(), self.X) - gb[:, None] * self.mu) * self.inv_s  # Z.t() @ X: the fast kernel
+        f = 0.5 * lam * W.view(B, -1).double().square().sum(1)
+        parts = [(0, self.X)] if isinstance(self.X, torch.Tensor) else _blocks(self.X, self.w.device)
+        gb = gX = None
+        for start, Xb in parts:
+            stop = start + len(Xb)
+            Z = torch.addmm(b_eff, Xb, W_eff.t())
+            Z3 = Z.view(len(Xb), B, K)
+            idx = self.yidx[start:stop].expand(len(Xb), B, 1)
+            zy = Z3.gather(2, idx)
+            m = Z3.amax(2, keepdim=True)
+            Z3.sub_(m).exp_()
+            s = Z3.sum(2, keepdim=True)
+            rows = (s.log() + m - zy).squeeze(2)
+            w = self.w[start:stop]
+            f = f + w.double() @ rows.double()
+            Z3.div_(s).scatter_add_(2, idx, torch.full_like(zy, -1.0))  # softmax - onehot
+            Z.mul_(w[:, None])
+            part_b, part_X = Z.sum(0), torch.mm(Z.t(), Xb)  # Z.t() @ X: the fast kernel
+            gb, gX = (part_b, part_X) if gb is None else (gb + part_b, gX + part_X)
+        gW = (gX - gb[:, None] * self.mu) * self.inv_s
         gW = gW.view(B, -1) + lam.float()[:, None] * W.view(B, -1)
         return f, torch.cat([gW, gb.view(B, K)], 1)
 
@@ -131,9 +154,11 @@ def preconditioner(X, weights, mean, scale):
     fit = (weights > 0).nonzero().squeeze(1)
     rows = fit[:: max(1, len(fit) // PRECONDITION_ROWS)]
     mu, inv_s = mean.float(), 1.0 / scale.float()
-    cov = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    cov = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=_device(X))
     for i in range(0, len(rows), BLOCK_ROWS):
-        Xb = (X[rows[i : i + BLOCK_ROWS]] - mu) * inv_s
+        take = rows[i : i + BLOCK_ROWS]
+        Xb = X[take] if isinstance(X, torch.Tensor) else torch.from_numpy(X[take.cpu().numpy()])
+        Xb = (Xb - mu) * inv_s
         cov += (Xb.t() @ Xb).double()
     evals, V = torch.linalg.eigh(cov / len(rows))
     return evals.clamp(min=0).float(), V.float()

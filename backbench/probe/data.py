@@ -33,15 +33,29 @@ class Split:
 
 
 def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complete_only: bool = False,
-               logits: bool = False, features: bool = True) -> Split:
+               logits: bool = False, features: bool = True, memory_limit: int | None = None) -> Split:
     """Read a group as float32; skipped samples (label -1) are dropped; NaN/inf is refused.
 
     ``features=False`` reads labels only (X is an empty placeholder) for callers that stream.
+    When the float32 features would take more than ``memory_limit`` bytes, ``X`` is a lazy
+    :class:`~backbench.probe.stream.GroupRows` read chunk by chunk (NaN/inf refused as read).
     """
+    from backbench.probe.stream import GroupRows
+    from backbench.probe.stream import memory_limit as current_limit
+
     group = cache.group(backbone, dataset, split)
     y = group.labels(complete_only=complete_only)
     if not features:
         return Split(np.zeros((len(y), 0), np.float32), y, list(group.attrs["classes"]), group, split)
+    if memory_limit is None:
+        memory_limit = current_limit()
+    if len(y) * group.dim * 4 > memory_limit:
+        rows = group._rows(complete_only)
+        rows = np.arange(group.n) if isinstance(rows, slice) else rows
+        keep = y >= 0
+        L = group.logits(complete_only=complete_only, dtype=np.float32) if logits and group.has_logits else None
+        return Split(GroupRows.of(group, rows[keep]), y[keep], list(group.attrs["classes"]), group, split,
+                     L[keep] if L is not None else None)
     X = group.features(complete_only=complete_only, dtype=np.float32)
     L = group.logits(complete_only=complete_only, dtype=np.float32) if logits and group.has_logits else None
     keep = y >= 0

@@ -180,6 +180,9 @@ def _encode_labels(train_y: Any, eval_y: Any, n_classes: int | None) -> tuple[np
     return train_y.astype(np.int64), eval_y.astype(np.int64), int(n_classes)
 
 
+STREAM_QUERIES = 32768  # queries per pass over a streamed train set (heap: 12 bytes x k each)
+
+
 def knn_eval(
     train_X: Any,
     train_y: Any,
@@ -209,10 +212,16 @@ def knn_eval(
     if len(train_lab) != train_X.shape[0] or len(eval_lab) != eval_X.shape[0]:
         raise ProbeInputError("train_y / eval_y must have one label per row of train_X / eval_X")
     n_train, ks = train_X.shape[0], sorted({int(k) for k in ks})
-    index = knn_index(train_X, device=device, search=search, batch_size=batch_size)
+    from backbench.probe.stream import GroupRows, streamed_search
+
+    streamed = isinstance(train_X, GroupRows)  # bigger than memory: one pass per query batch
+    index = None if streamed else knn_index(train_X, device=device, search=search, batch_size=batch_size)
     hits = {k: np.zeros(2, dtype=np.int64) for k in ks}
-    for rows, q in iter_normalized(eval_X, batch_size):
-        sims, idx = index.search(q, min(ks[-1], n_train))
+    for rows, q in iter_normalized(eval_X, STREAM_QUERIES if streamed else batch_size):
+        if streamed:
+            sims, idx = streamed_search(train_X, q, min(ks[-1], n_train), device=device)
+        else:
+            sims, idx = index.search(q, min(ks[-1], n_train))
         w, lab = vote_weights(sims, temperature), train_lab[idx]
         for k in ks:
             kk = min(k, n_train)

@@ -34,9 +34,14 @@ def default_Cs() -> np.ndarray:
 
 
 def _as_tensor(X, device: str, what: str = "X"):
-    """``X`` as a 2-D float32 tensor on ``device``; float32 CPU arrays are not copied."""
+    """``X`` as a 2-D float32 tensor on ``device``; float32 CPU arrays are not copied; a lazy
+    :class:`~backbench.probe.stream.GroupRows` (a cache bigger than memory) stays lazy."""
     import torch
 
+    from backbench.probe.stream import GroupRows
+
+    if isinstance(X, GroupRows):
+        return X
     if not isinstance(X, torch.Tensor):
         X = np.asarray(X)
         if X.dtype.kind not in "fiub":
@@ -71,9 +76,20 @@ def _encode_val(y_val, classes: np.ndarray, n_rows: int) -> np.ndarray:
     return np.where(classes[pos] == y_val, pos, -1)
 
 
+def _slabs(X, device=None):
+    """``(start, float32 tensor)`` blocks of ``_EVAL_ROWS`` rows (tensor) or chunks (streamed)."""
+    from backbench.probe._solver import _blocks
+
+    return _blocks(X, device or getattr(X, "device", "cpu"), _EVAL_ROWS)
+
+
 def _check_finite(X, what: str) -> None:
     import torch
 
+    from backbench.probe.stream import GroupRows
+
+    if isinstance(X, GroupRows):
+        return  # checked chunk by chunk as it is read
     for i in range(0, len(X), _EVAL_ROWS):
         if not bool(torch.isfinite(X[i : i + _EVAL_ROWS]).all()):
             raise ProbeInputError(f"{what} contains NaN or infinite values; drop or impute them before probing")
@@ -146,8 +162,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         W_eff = self.coef_ / self.scale_
         b_eff = torch.as_tensor(self.intercept_ - W_eff @ self.mean_, dtype=torch.float32, device=Xt.device)
         W_eff = torch.as_tensor(W_eff, dtype=torch.float32, device=Xt.device)
-        Z = np.concatenate([torch.addmm(b_eff, Xt[i : i + _EVAL_ROWS], W_eff.t()).double().cpu().numpy()
-                            for i in range(0, max(len(Xt), 1), _EVAL_ROWS)])
+        Z = np.concatenate([torch.addmm(b_eff, Xb, W_eff.t()).double().cpu().numpy() for _, Xb in _slabs(Xt)]
+                           or [np.zeros((0, len(self.classes_)))])
         if not np.isfinite(Z).all():
             raise ProbeInputError("X contains NaN or infinite values; drop or impute them before probing")
         return Z
@@ -198,9 +214,9 @@ def _val_accuracy(obj, theta, X_val, codes_val) -> list[float]:
 
     _, W_eff, b_eff = obj.effective(theta)
     hits = torch.zeros(len(theta), dtype=torch.float64, device=theta.device)
-    for i in range(0, len(X_val), _EVAL_ROWS):
-        Z = torch.addmm(b_eff, X_val[i : i + _EVAL_ROWS], W_eff.t()).view(-1, len(theta), obj.K)
-        hits += (Z.argmax(2) == codes_val[i : i + _EVAL_ROWS, None]).sum(0).double()
+    for i, Xb in _slabs(X_val, theta.device):
+        Z = torch.addmm(b_eff, Xb, W_eff.t()).view(-1, len(theta), obj.K)
+        hits += (Z.argmax(2) == codes_val[i : i + len(Xb), None]).sum(0).double()
     return (hits / max(len(X_val), 1)).tolist()
 
 
@@ -285,6 +301,8 @@ def _selection_rows(Xt, y_train, X_val, y_val, holdout: float, seed: int):
     """
     import torch
 
+    from backbench.probe.stream import GroupRows
+
     device = Xt.device
     if X_val is None:
         classes, codes = _encode(y_train, len(Xt))
@@ -293,7 +311,8 @@ def _selection_rows(Xt, y_train, X_val, y_val, holdout: float, seed: int):
         fit, held = _holdout(codes, holdout, seed, classes)
         weights = torch.zeros(len(Xt), device=device)
         weights[torch.as_tensor(fit, device=device)] = 1.0 / len(fit)
-        return classes, codes, weights, Xt[torch.as_tensor(held, device=device)], codes[held]
+        X_held = Xt.subset(held) if isinstance(Xt, GroupRows) else Xt[torch.as_tensor(held, device=device)]
+        return classes, codes, weights, X_held, codes[held]
     X_eval = _as_tensor(X_val, device, "X_val")
     _encode_val(y_val, _encode(y_train, len(Xt))[0], len(X_eval))  # checks both lengths
     classes, codes = _encode(np.concatenate([np.asarray(y_train), np.asarray(y_val)]), len(Xt) + len(X_eval))
@@ -312,6 +331,8 @@ def select_and_fit(X_train, y_train, Cs=None, *, X_val=None, y_val=None, seed: i
     """
     import torch
 
+    from backbench.probe.stream import GroupRows
+
     Xt = _as_tensor(X_train, device)
     Cs = _sorted_Cs(Cs)
     probe = LinearProbe(1.0, max_iter=max_iter, tol=tol, device=device, standardize=standardize)
@@ -325,6 +346,6 @@ def select_and_fit(X_train, y_train, Cs=None, *, X_val=None, y_val=None, seed: i
     result, thetas, eig = _path(Xt, torch.as_tensor(codes[: len(Xt)], device=device), weights, X_eval,
                                 torch.as_tensor(codes_eval, device=device), Cs, len(classes), standardize=standardize,
                                 max_iter=max_iter, tol=tol, selection="holdout" if X_val is None else "val")
-    X_all = Xt if X_val is None else torch.cat([Xt, X_eval])
+    X_all = Xt if X_val is None else Xt.concat(X_eval) if isinstance(Xt, GroupRows) else torch.cat([Xt, X_eval])
     probe.set_params(C=result.best_C)._fit_tensor(X_all, codes, classes, init=thetas[result.best_index], eig=eig)
     return probe, result

@@ -18,11 +18,11 @@ from backbench.store.group import FeatureGroup
 MAIN_K = 20
 
 
-def fits_in_memory(group: FeatureGroup, fraction: float = 0.5) -> bool:
-    """Whether a float32 copy of the group's features fits in ``fraction`` of free memory."""
-    import psutil
+def fits_in_memory(group: FeatureGroup) -> bool:
+    """Whether a float32 copy of the group's features fits the memory limit in force."""
+    from backbench.probe.stream import memory_limit
 
-    return group.n * group.dim * 4 < fraction * psutil.virtual_memory().available
+    return group.n * group.dim * 4 <= memory_limit()
 
 
 def _knn_metrics(train_X, train_y, ev: Split, ks: Sequence[int], temperature: float, n_classes: int,
@@ -72,15 +72,16 @@ def run_retrieval(cache: Cache, backbone: str, dataset: str, query: str, gallery
     ks = sorted({int(k) for k in ks})
     q = load_split(cache, backbone, dataset, query, complete_only=complete_only)
     same = query == gallery
-    stream = not same and not complete_only and not fits_in_memory(cache.group(backbone, dataset, gallery))
+    stream = not same and not fits_in_memory(cache.group(backbone, dataset, gallery))
     g = q if same else load_split(cache, backbone, dataset, gallery, complete_only=complete_only,
-                                  features=not stream)
+                                  memory_limit=0 if stream else None)
     check_same_backbone(q, g)
     request = base_request("retrieval", backbone, dataset, {"query": query, "gallery": gallery}, [q, g],
                            {"ks": ks, "index": index}, 0)
 
     def compute() -> Record:
-        gallery_X: Any = build_index(g.group.node["features"], index=index, device=device) if stream else g.X
+        # a gallery bigger than memory is read chunk by chunk into the faiss index (skipped rows dropped)
+        gallery_X: Any = build_index(g.X, index=index, device=device) if stream else g.X
         return {"metrics": retrieval_metrics(q.X, q.y, gallery_X, g.y, ks=ks, exclude_self=same, index=index,
                                              device=device)}
 

@@ -342,11 +342,28 @@ class KNNDistance(_Scorer):
         X, _ = self._start_fit(X, None, need_y=False)
         if not 1 <= int(self.k) <= X.shape[0]:
             raise ProbeInputError(f"k must be between 1 and the number of train rows ({X.shape[0]}), got {self.k}")
+        from backbench.probe.stream import GroupRows
+
+        self.n_samples_fit_ = X.shape[0]
+        if isinstance(X, GroupRows):  # bigger than memory: searched chunk by chunk when scoring
+            self.index_, self.rows_ = None, X
+            return self
         self.index_ = to_device(import_faiss().IndexFlatL2(X.shape[1]), self.device)
         for chunk in iter_rows(X, self.batch_size, np.float32):
             self.index_.add(l2_normalize(chunk))
-        self.n_samples_fit_ = X.shape[0]
         return self
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        if getattr(self, "index_", True) is not None:
+            return super().score_samples(X)
+        from backbench.probe.knn import STREAM_QUERIES
+        from backbench.probe.stream import streamed_search
+
+        out = []
+        for chunk in iter_rows(check_features(X), STREAM_QUERIES, np.float32):
+            sims, _ = streamed_search(self.rows_, l2_normalize(chunk), int(self.k), device=self.device)
+            out.append(-np.sqrt(np.maximum(2.0 - 2.0 * sims[:, -1].astype(np.float64), 0.0)))
+        return np.concatenate(out)
 
     def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
         sq, _ = self.index_.search(l2_normalize(chunk), int(self.k))

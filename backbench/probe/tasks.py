@@ -19,9 +19,19 @@ Record = dict[str, Any]
 
 def load_pair(cache: Cache, backbone: str, dataset: str, train: str, evals: Sequence[str], *,
               complete_only: bool = False) -> tuple[Split, list[Split]]:
-    """Train split plus eval splits of one backbone and dataset, checked to fit together."""
-    tr = load_split(cache, backbone, dataset, train, complete_only=complete_only)
-    others = [load_split(cache, backbone, dataset, s, complete_only=complete_only) for s in evals]
+    """Train split plus eval splits of one backbone and dataset, checked to fit together.
+
+    All are streamed (lazy :class:`~backbench.probe.stream.GroupRows`) when their float32
+    features together exceed the memory limit, else all are read into memory.
+    """
+    from backbench.probe.stream import memory_limit
+
+    need = sum(cache.group(backbone, dataset, s).n * cache.group(backbone, dataset, s).dim * 4
+               for s in [train, *evals])
+    limit = 0 if need > memory_limit() else need
+    tr = load_split(cache, backbone, dataset, train, complete_only=complete_only, memory_limit=limit)
+    others = [load_split(cache, backbone, dataset, s, complete_only=complete_only, memory_limit=limit)
+              for s in evals]
     for other in others:
         check_same_backbone(tr, other)
         check_same_classes(tr, other)

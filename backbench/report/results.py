@@ -5,6 +5,9 @@ with the cache, read with plain zarr, and concurrent writers never tear one anot
 records (each record is its own atomically written object). The key is a hash of the
 request, so rerunning the same probe on the same cache finds the record instead of
 recomputing it; ``force`` replaces it.
+
+A cache read over ``http(s)://`` (or at a URL the credentials cannot write) still computes
+results; they are returned but not recorded, with one :class:`ResultsNotRecorded` warning.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -21,6 +25,10 @@ from backbench.store.cache import RESULTS, Cache
 def request_key(request: dict[str, Any]) -> str:
     """A stable key for a request: task, backbone, dataset, splits, params, seed, group keys."""
     return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class ResultsNotRecorded(UserWarning):
+    """Results computed on a read-only cache at a URL: returned, not logged (the CLI prints a note)."""
 
 
 class ResultsLog:
@@ -36,17 +44,38 @@ class ResultsLog:
             return None
 
     def put(self, record: dict[str, Any]) -> str:
+        """Log ``record``; on a read-only cache at a URL, warn once per cache and log nothing."""
         key = record["key"]
         clean = json.loads(json.dumps(record, default=_jsonable))
-        self.cache.root.create_group(f"{RESULTS}/{key}", overwrite=True, attributes=clean)
+        if self.cache.is_url and self.cache.read_only:
+            self._not_recorded()
+            return key
+        try:
+            self.cache.root.create_group(f"{RESULTS}/{key}", overwrite=True, attributes=clean)
+        except PermissionError:  # e.g. an s3:// bucket these credentials may only read
+            if not self.cache.is_url:
+                raise
+            self._not_recorded()
         return key
+
+    def _not_recorded(self) -> None:
+        if getattr(self.cache, "_results_noted", False):
+            return
+        self.cache._results_noted = True
+        warnings.warn(f"results not recorded: the cache at {self.cache.path} is read-only",
+                      ResultsNotRecorded, stacklevel=3)
 
     def records(self) -> list[dict[str, Any]]:
         try:
             node = self.cache.root[RESULTS]
         except KeyError:
             return []
-        rows = [dict(g.attrs) for _, g in node.groups()]
+        try:
+            rows = [dict(g.attrs) for _, g in node.groups()]
+        except Exception:
+            if not self.cache.is_url:
+                raise
+            return []  # a store that cannot list (plain HTTP): no records to show
         return sorted(rows, key=lambda r: (r.get("created", ""), r.get("key", "")))
 
     def run(self, request: dict[str, Any], compute: Callable[[], dict[str, Any]], *,

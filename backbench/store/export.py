@@ -1,14 +1,22 @@
-"""Export cache groups to HDF5 (h5py): the same arrays and attributes, no pickles."""
+"""Export cache groups to HDF5 (h5py), and import them back: the same arrays and attributes,
+no pickles. Import also takes plain HDF5 features from other tools (thingsvision, ...)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from backbench.errors import CacheError, CacheMismatch
 from backbench.store.cache import Cache
+from backbench.store.group import _as_crc, cache_key, chunk_rows_for
+
+
+JSON_ATTRS = "backbench_json_attrs"  # on each exported group: the attributes stored as JSON text
 
 
 def _h5_attr(value: Any) -> Any:
@@ -30,6 +38,7 @@ def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None
             g = h5.require_group(group.path)
             for key, value in group.attrs.items():
                 g.attrs[key] = _h5_attr(value)
+            g.attrs[JSON_ATTRS] = json.dumps([k for k, v in group.attrs.items() if _h5_attr(v) is not v])
             for name in ("features", "labels", "ids", "logits", "chunk_checksum"):
                 if name not in group.node:
                     continue
@@ -43,3 +52,295 @@ def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None
                 ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names or []))
             written.append(group.path)
     return written
+
+
+# --------------------------------------------------------------------------- import
+LABELS = ("labels", "targets")
+IDS = ("ids", "filenames", "file_names")
+IMPORTED_WEIGHTS = "unknown (imported from HDF5)"
+
+
+def import_h5(path: str | Path, cache: Cache, *, backbone: str | None = None, dataset: str | None = None,
+              split: str | None = None, dtype: str | None = None) -> list[str]:
+    """Import an HDF5 file into ``cache``; returns the paths of its groups now in the cache.
+
+    A file from :func:`export_h5` gives back its groups, attributes and checksums (every
+    chunk verified); ``backbone``/``dataset``/``split`` then pick some of them. Any other file
+    needs a ``features`` dataset (samples x dims) at its root or in one group, with
+    ``labels`` or ``targets`` beside it and optionally ``ids``/``filenames``/``file_names``
+    and ``classes``; ``backbone``, ``dataset`` and ``split`` name the group, ``dtype``
+    (float16, the default, or float32) its features. See :func:`import_report`.
+    """
+    report = import_report(path, cache, backbone=backbone, dataset=dataset, split=split, dtype=dtype)
+    return report["groups"] + report["already_present"]
+
+
+def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None, dataset: str | None = None,
+                  split: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """:func:`import_h5`, returning ``{"file", "cache", "groups" (imported), "already_present",
+    "chunks_copied", "incomplete"}``. Groups the cache holds with another fingerprint are
+    refused before anything is written; a group whose copy fails (a chunk that fails its
+    checksum, features beyond float16) is not left half-imported: a new one is removed."""
+    from backbench.errors import require
+    from backbench.store.lock import local_file, locked
+    from backbench.store.merge import fill
+
+    h5py = require("h5py")
+    where = str(path)
+    if not Path(where).exists():
+        raise CacheError(f"no file {where!r}; give the path of an HDF5 file, e.g. features.h5")
+    if Path(where).is_dir() or not h5py.is_hdf5(where):
+        raise CacheError(f"{where} is not an HDF5 file; import files written by `backbench export` or with h5py "
+                         f"(thingsvision, ...)")
+    if dtype is not None and dtype not in ("float16", "float32"):
+        raise CacheError(f"--dtype {dtype!r}: use float16 or float32")
+    try:
+        h5 = h5py.File(where, "r")
+    except OSError as exc:
+        raise CacheError(f"cannot read {where}: {exc}; is it a complete HDF5 file?") from None
+    report: dict[str, Any] = {"file": where, "cache": cache.path, "groups": [], "already_present": [],
+                              "chunks_copied": 0, "incomplete": []}
+    with h5:
+        exported = _exported_groups(h5)
+        if exported:
+            jobs = _plan_exported(where, exported, backbone, dataset, split, dtype)
+        else:
+            jobs = [_plan_foreign(where, h5, backbone, dataset, split, dtype or "float16")]
+        # refuse conflicts before writing anything
+        targets = []
+        for spec, rows in jobs:
+            a = spec["attrs"]
+            key = (a["backbone"], a["dataset"], a["split"])
+            have = cache.group(*key) if key in cache else None
+            if have is not None:
+                if have.attrs.get("cache_key") != cache_key(a):
+                    raise CacheMismatch(f"{have.path} exists in {cache.path} with other contents (cache_key "
+                                        f"differs); import it under another --dataset or --split; nothing was "
+                                        f"imported")
+                if (have.n, have.dim, have.dtype, have.array("logits").shape[1] if have.has_logits else 0) != (
+                        spec["n"], spec["dim"], spec["dtype"], spec["num_classes"]):
+                    raise CacheMismatch(f"{have.path} exists in {cache.path} with other shapes (n, dim, dtype or "
+                                        f"logits); nothing was imported")
+            targets.append((spec, rows, key, have))
+        for spec, rows, key, have in targets:
+            path_ = cache.group_path(*key)
+            if have is not None and have.is_complete:
+                report["already_present"].append(path_)
+                continue
+            fresh = have is None
+            if fresh:
+                with locked(local_file(cache.path)):
+                    have = cache.create_group(*key, n=spec["n"], dim=spec["dim"], num_classes=spec["num_classes"],
+                                              dtype=spec["dtype"], chunk_rows=spec["chunk_rows"], attrs=spec["attrs"])
+            try:
+                with locked(local_file(cache.path, have.path, "features")):
+                    written = fill(have, [rows])
+            except Exception:
+                if fresh:
+                    del cache.root[have.path]
+                raise
+            report["groups" if fresh or written else "already_present"].append(path_)
+            report["chunks_copied"] += written
+            if not have.is_complete:
+                report["incomplete"].append({"group": path_, "rows_done": have.rows_done(), "n": have.n})
+    return report
+
+
+def _exported_groups(h5) -> list:
+    import h5py
+
+    found: list = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Group) and "features" in obj and "backbone" in obj.attrs and "cache_key" in obj.attrs:
+            found.append(obj)
+
+    h5.visititems(visit)
+    return found
+
+
+def _py(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_py(v) for v in value.tolist()]
+    return value
+
+
+def _decode_attrs(attrs) -> dict[str, Any]:
+    """HDF5 attributes back to the cache's: the JSON-encoded ones (listed by export) decoded."""
+    marked = attrs.get(JSON_ATTRS)
+    listed = set(json.loads(_py(marked))) if marked is not None else None
+    out = {}
+    for key, value in attrs.items():
+        if key == JSON_ATTRS:
+            continue
+        value = _py(value)
+        guess = listed is None and isinstance(value, str) and (value.startswith(("[", "{")) or value == "null")
+        if isinstance(value, str) and ((listed is not None and key in listed) or guess):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                if not guess:
+                    raise CacheError(f"attribute {key!r} is not the JSON that `backbench export` wrote") from None
+        out[key] = value
+    return out
+
+
+def _strings(ds) -> np.ndarray:
+    import h5py
+
+    if h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind in "SO":
+        return np.asarray(ds.asstr()[()], dtype=object).reshape(-1).astype(str)
+    return np.asarray([str(_py(v)) for v in ds[()].reshape(-1)], dtype=str)
+
+
+def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) -> list:
+    from backbench.store.merge import Rows
+
+    pick = {"backbone": backbone, "dataset": dataset, "split": split}
+    jobs = []
+    for g in groups:
+        attrs = _decode_attrs(g.attrs)
+        if any(v is not None and attrs.get(k) != v for k, v in pick.items()):
+            continue
+        if dtype is not None and dtype != attrs.get("dtype"):
+            raise CacheError(f"--dtype is for files from other tools; {where} is a `backbench export` and its "
+                             f"groups keep their dtype ({attrs.get('dtype')})")
+        feats = g["features"]
+        n, dim = int(attrs["n"]), int(attrs["dim"])
+        if feats.shape != (n, dim) or g["labels"].shape != (n,) or g["ids"].shape != (n,):
+            raise CacheError(f"{where}: group {g.name} holds arrays of other shapes than its attributes say "
+                             f"(features {feats.shape}, n={n}, dim={dim}); export it again")
+        ids = _strings(g["ids"])
+        logits = g["logits"] if "logits" in g else None
+
+        def read(a: int, b: int, g=g, ids=ids, logits=logits):
+            return g["features"][a:b], g["labels"][a:b].astype(np.int64), ids[a:b], (
+                None if logits is None else logits[a:b])
+
+        stored = (np.array([_as_crc(_py(v)) for v in g["chunk_checksum"][()]], dtype=np.int64)
+                  if "chunk_checksum" in g else None)
+        rows = Rows(f"{where}:{g.name}", n, int(attrs["chunk_rows"]), read, stored=stored,
+                    algorithm=attrs.get("checksum", "crc32"))
+        spec = {"attrs": attrs, "n": n, "dim": dim, "dtype": attrs["dtype"], "chunk_rows": int(attrs["chunk_rows"]),
+                "num_classes": 0 if logits is None else int(logits.shape[1])}
+        jobs.append((spec, rows))
+    if not jobs:
+        held = ", ".join(sorted(g.name.strip("/") for g in groups))
+        raise CacheError(f"{where} has no group for the given --backbone/--dataset/--split; it holds: {held}")
+    return jobs
+
+
+def _plan_foreign(where: str, h5, backbone, dataset, split, dtype: str):
+    """A file from another tool: one ``features`` dataset with labels (and ids) beside it."""
+    import h5py
+
+    from backbench.provenance import library_versions
+    from backbench.store.merge import Rows
+
+    found: list = []
+    h5.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
+                  and name.rsplit("/", 1)[-1] == "features" else None)
+    if not found:
+        raise CacheError(f"{where} has no features dataset (and no groups from `backbench export`); it needs "
+                         f"`features` (samples x dims) at its root or in one group")
+    if len(found) > 1:
+        raise CacheError(f"{where} has {len(found)} features datasets ({', '.join(d.name for d in found)}); "
+                         f"import takes one per file: copy each to its own file with h5py")
+    ds = found[0]
+    missing = [f"--{k}" for k, v in (("backbone", backbone), ("dataset", dataset), ("split", split)) if not v]
+    if missing:
+        raise CacheError(f"{where} is not a `backbench export`: give {', '.join(missing)} to name its features "
+                         f"in the cache, e.g. --backbone thingsvision:clip --dataset pets --split train")
+    if ds.ndim != 2 or ds.dtype.kind not in "fiu" or not ds.shape[0]:
+        raise CacheError(f"{where}: features has shape {ds.shape} and dtype {ds.dtype}; import needs numbers, "
+                         f"one row per sample (samples x dims): pool or flatten them first")
+    n, dim = (int(v) for v in ds.shape)
+    places = [ds.parent] + ([h5] if ds.parent.name != "/" else [])
+
+    def beside(names: tuple[str, ...]):
+        for place in places:
+            for name in names:
+                if isinstance(place.get(name), h5py.Dataset):
+                    return place[name]
+        return None
+
+    lab = beside(LABELS)
+    if lab is None:
+        raise CacheError(f"{where} has no labels dataset (looked for {', '.join(LABELS)}); add one with an "
+                         f"integer label per row beside {ds.name}, e.g. with h5py")
+    raw = lab[()].reshape(-1) if lab.ndim == 2 and 1 in lab.shape else lab[()]
+    if np.ndim(raw) != 1 or len(raw) != n:
+        raise CacheError(f"{where}: {lab.name} has shape {np.shape(raw)} but {ds.name} has {n} rows; "
+                         f"they must match row for row")
+    classes = _classes(places, ds)
+    labels, classes = _labels(where, lab.name, raw, classes)
+    id_ds = beside(IDS)
+    if id_ds is not None:
+        ids = _strings(id_ds)
+        if len(ids) != n:
+            raise CacheError(f"{where}: {id_ds.name} has {len(ids)} entries but {ds.name} has {n} rows; "
+                             f"they must match row for row")
+    else:
+        ids = np.array([str(i) for i in range(n)])
+    digest = hashlib.sha256(labels.astype("<i8").tobytes())
+    for i in ids.tolist():
+        digest.update(i.encode() + b"\0")
+    attrs = {"backbench_kind": "features", "backbone": backbone, "weights_sha256": IMPORTED_WEIGHTS,
+             "preprocess": {"imported": True}, "feature_kind": "pooled", "dataset": dataset, "split": split,
+             "source": f"hdf5:{where}", "dataset_fingerprint": digest.hexdigest(), "classes": classes,
+             "dtype": np.dtype(dtype).name, "versions": library_versions(),
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "imported": {"file": where, "features": ds.name, "labels": lab.name,
+                          "ids": None if id_ds is None else id_ds.name}}
+
+    def read(a: int, b: int):
+        return ds[a:b], labels[a:b], ids[a:b], None
+
+    rows = Rows(f"{where}:{ds.name}", n, 1, read)
+    chunk = chunk_rows_for(dim, np.dtype(dtype).itemsize, n)
+    return {"attrs": attrs, "n": n, "dim": dim, "dtype": np.dtype(dtype).name, "chunk_rows": chunk,
+            "num_classes": 0}, rows
+
+
+def _classes(places: list, ds) -> list[str] | None:
+    """Class names from a ``classes`` attribute (of the features, their group or the root) or dataset."""
+    import h5py
+
+    for obj in [ds, *places]:
+        if "classes" in obj.attrs:
+            value = _py(obj.attrs["classes"])
+            if isinstance(value, str):
+                value = json.loads(value) if value.startswith("[") else [value]
+            return [str(v) for v in value]
+    for place in places:
+        if isinstance(place.get("classes"), h5py.Dataset):
+            return _strings(place["classes"]).tolist()
+    return None
+
+
+def _labels(where: str, name: str, raw: np.ndarray, classes: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and class names: integers are kept (their sorted values as names unless
+    ``classes`` names them by index); strings become indices into their sorted names."""
+    if raw.dtype.kind == "f":
+        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
+            raise CacheError(f"{where}: {name} holds non-integer numbers; labels must be integers or strings")
+        raw = raw.astype(np.int64)
+    if raw.dtype.kind in "iub":
+        labels = raw.astype(np.int64)
+        if classes is None:
+            return labels, [str(v) for v in np.unique(labels[labels >= 0]).tolist()]
+        if labels.max(initial=-1) >= len(classes):
+            raise CacheError(f"{where}: {name} runs to {int(labels.max())} but classes names only {len(classes)}; "
+                             f"labels index the classes from 0")
+        return labels, classes
+    names = np.asarray([_py(v) for v in raw.tolist()], dtype=str)
+    classes = classes or sorted(set(names.tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(names.tolist()) - set(index))
+    if unknown:
+        raise CacheError(f"{where}: {name} holds {unknown[0]!r}, which is not in its classes")
+    return np.array([index[v] for v in names.tolist()], dtype=np.int64), classes

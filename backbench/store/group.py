@@ -55,13 +55,19 @@ def raw_chunk_file(arr, chunk: int) -> Path | None:
     return _chunk_file(arr, chunk) if _raw_layout(arr) == "bytes" else None
 
 
+def _is_local(arr) -> bool:
+    """True for an array in a local folder; others (fsspec stores at URLs) always go through zarr."""
+    from zarr.storage import LocalStore
+
+    return isinstance(arr.store_path.store, LocalStore)
+
+
 def _raw_layout(arr) -> str | None:
     """"bytes" (plain native-endian), "vlen-utf8" (uncompressed strings) or None, for a local array."""
     from zarr.codecs import BytesCodec, VLenUTF8Codec
-    from zarr.storage import LocalStore
 
     codecs = arr.metadata.codecs
-    if not isinstance(arr.store_path.store, LocalStore) or len(codecs) != 1:
+    if not _is_local(arr) or len(codecs) != 1:
         return None
     if isinstance(codecs[0], VLenUTF8Codec):
         return "vlen-utf8"
@@ -208,7 +214,7 @@ class FeatureGroup:
             return np.zeros(0, dtype=np.int64)
         arr = self.array("chunk_checksum")
         try:
-            if arr.dtype.kind in "iu":
+            if arr.dtype.kind in "iu" and _is_local(arr):
                 out = np.empty(self.n_chunks, dtype=np.int64)
                 for i in range(self.n_chunks):
                     _read_rows(arr, i, i + 1, out[i : i + 1])
@@ -310,7 +316,7 @@ class FeatureGroup:
         """An array of the group; ``complete_only`` keeps just the finished chunks' rows."""
         rows = self._rows(complete_only)
         arr = self.array(name)
-        if arr.dtype.kind in "fiu" and isinstance(rows, slice):
+        if arr.dtype.kind in "fiu" and isinstance(rows, slice) and _is_local(arr):
             out = np.empty(arr.shape, dtype=arr.dtype)
             for c in range(self.n_chunks):
                 a, b = self.chunk_bounds(c)

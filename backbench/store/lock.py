@@ -3,7 +3,8 @@
 A lock is taken on a directory of the store, whose inode never changes (zarr replaces its
 ``zarr.json`` files atomically, so those would make poor locks): the cache root while a
 group is created, the group's ``features`` folder while it is extracted. Remote caches
-(URLs) are not locked.
+(URLs) are not locked: writers to one use ``--shard`` so they never share a chunk, and only
+shard 0 creates a group there (see :func:`backbench.extract.run.extract`).
 """
 
 from __future__ import annotations

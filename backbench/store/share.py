@@ -114,6 +114,7 @@ def unpack(archive: str | Path, cache: Cache) -> dict:
         _refuse_conflicts(staged, cache)
         for group in manifest["groups"]:
             _move_group(Path(tmp), root, group)
+            cache._add_to_index(group)  # listed for stores that cannot list (served over HTTP)
         staged_results = Path(tmp, RESULTS)
         for record in sorted(p for p in staged_results.glob("*") if p.is_dir()):
             if not (root / RESULTS / record.name).exists():
