@@ -61,3 +61,12 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("backbones = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_shards_split_extraction_cells():
+    raw = {"backbones": ["timm:test_resnet@random"], "shards": 3,
+           "datasets": {"digits": {"source": "digits", "splits": ["train", "test"]}}, "tasks": {"probe": {}}}
+    cells = plan(parse_config(raw))
+    assert [c.shard for c in cells if c.stage == "extract"] == [(0, 3), (1, 3), (2, 3)] * 2
+    with pytest.raises(ConfigError, match="shards must be a positive integer"):
+        parse_config({**raw, "shards": 0})

@@ -1,5 +1,6 @@
 """The battle's cells as tasks on a real dask.distributed LocalCluster: the same records as a
-serial run, also when a worker is killed part-way (its task runs again elsewhere)."""
+serial run, also when a worker is killed part-way (its task runs again elsewhere), with
+each split extracted as two shard tasks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from backbench.store import Cache
 RAW = {
     "backbones": ["timm:test_resnet@random", "timm:test_vit@random"],
     "workers": 0,
+    "shards": 2,  # each split's extraction as two dask tasks writing whole chunks
+    "batch_size": 32,
     "datasets": {
         "digits": {"source": "digits", "splits": ["train", "test"], "limit": 120},
         "textures": {"source": "textures", "splits": ["test"], "role": "ood", "limit": 40},

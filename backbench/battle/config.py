@@ -75,6 +75,7 @@ class BattleConfig:
     batch_size: int | None = None  # None: 256 on CUDA, 64 on CPU
     workers: int | None = None
     source: str = "built-in default"
+    shards: int = 1  # extraction cells per split (whole chunks each): one per GPU worker on a cluster
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,11 +128,18 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:
             ds, _, split = str(ref).partition(":")
             if ds not in parsed or split not in parsed[ds].splits:
                 raise ConfigError(f"{source}: tasks.{task}.{key} names {ref!r}, which is no DATASET:SPLIT of the config")
-    known = {"backbones", "datasets", "tasks", "cache", "device", "batch_size", "workers"}
+    known = {"backbones", "datasets", "tasks", "cache", "device", "batch_size", "workers", "shards"}
     if set(raw) - known:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(set(raw) - known))}")
     return BattleConfig(list(backbones), parsed, {k: dict(v) for k, v in tasks.items()}, raw.get("cache"),
-                        raw.get("device", "auto"), raw.get("batch_size"), raw.get("workers"), source)
+                        raw.get("device", "auto"), raw.get("batch_size"), raw.get("workers"), source,
+                        shards=_positive(raw.get("shards", 1), f"{source}: shards"))
+
+
+def _positive(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
 
 
 def load_config(path: str | Path | None = None) -> BattleConfig:

@@ -25,10 +25,12 @@ class Cell:
     backbone: str
     dataset: str
     split: str = ""
+    shard: tuple[int, int] = (0, 1)  # extraction: this cell's share of the split's chunks
 
     @property
     def label(self) -> str:
-        return f"{self.stage} {self.backbone} {self.dataset}" + (f"/{self.split}" if self.split else "")
+        return (f"{self.stage} {self.backbone} {self.dataset}" + (f"/{self.split}" if self.split else "")
+                + (f" shard {self.shard[0]}/{self.shard[1]}" if self.shard[1] > 1 else ""))
 
 
 @dataclass
@@ -63,7 +65,9 @@ def _refs(config: BattleConfig, ds: DatasetSpec, stage: str) -> set[tuple[str, s
 
 def plan(config: BattleConfig) -> list[Cell]:
     """Extraction cells first (grouped by backbone, so each loads once), then task cells."""
-    cells = [Cell("extract", b, d.name, s) for b in config.backbones for d in config.datasets.values() for s in d.splits]
+    n = config.shards
+    cells = [Cell("extract", b, d.name, s, (i, n)) for b in config.backbones for d in config.datasets.values()
+             for s in d.splits for i in range(n)]
     cells += [Cell(t, b, d.name) for b in config.backbones for d in config.main_datasets for t in config.tasks]
     return cells
 
@@ -116,7 +120,7 @@ class _Extractor:
         workers = 0 if multiprocessing.current_process().daemon else self.config.workers
         res = extract(self.loaded[cell.backbone], ds.splits[cell.split], cache=self.cache, dataset=ds.name,
                       split=cell.split, limit=ds.limit, batch_size=self.config.batch_size, device=self.config.device,
-                      workers=workers, progress=progress)
+                      workers=workers, progress=progress, shard=cell.shard)
         return "reused" if res.status == "up-to-date" else "done"
 
 
@@ -211,13 +215,13 @@ def run_battle_dask(config: BattleConfig, cache: Cache, client, *,
             continue
         f = client.submit(_run_cell, cell, config, cache.path, device, key=f"backbench-{run_id}-{cell.label}",
                           pure=False, retries=retries)
-        futures[f], extraction[(cell.backbone, cell.dataset, cell.split)] = cell, f
+        futures[f] = cell
+        extraction.setdefault((cell.backbone, cell.dataset, cell.split), []).append(f)
     for cell in cells:
         if cell.stage == "extract":
             continue
-        deps = [extraction[(cell.backbone, d, s)] for d, s in sorted(_refs(config, config.datasets[cell.dataset],
-                                                                           cell.stage))
-                if (cell.backbone, d, s) in extraction]
+        deps = [f for d, s in sorted(_refs(config, config.datasets[cell.dataset], cell.stage))
+                for f in extraction.get((cell.backbone, d, s), [])]
         f = client.submit(_run_cell, cell, config, cache.path, device, *deps, key=f"backbench-{run_id}-{cell.label}",
                           pure=False, retries=retries)
         futures[f] = cell
