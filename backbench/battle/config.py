@@ -114,6 +114,15 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:
     backbones = raw.get("backbones")
     if not isinstance(backbones, list) or not backbones or not all(isinstance(b, str) for b in backbones):
         raise ConfigError(f"{source}: `backbones` must be a non-empty list of names like \"timm:resnet18@random\"")
+    for b in backbones:  # NAME#KIND ranks a feature kind of NAME as its own row
+        kind = b.partition("#")[2]
+        if kind:
+            from backbench.extract.kinds import parse_kind
+
+            try:
+                parse_kind(kind)
+            except Exception as exc:
+                raise ConfigError(f"{source}: backbone {b!r}: {exc}") from None
     datasets = raw.get("datasets")
     if not isinstance(datasets, dict) or not datasets:
         raise ConfigError(f"{source}: add at least one [datasets.NAME] table")

@@ -73,12 +73,20 @@ def plan(config: BattleConfig) -> list[Cell]:
 
 
 def _task(cell: Cell, config: BattleConfig, cache: Cache, device: str) -> list[tuple[dict, bool]]:
+    from backbench.probe.data import use_features
+
+    name, _, kind = cell.backbone.partition("#")  # "NAME#cls": the tasks read that feature kind
+    with use_features(kind or None):
+        return _task_pairs(cell, config, cache, device, name)
+
+
+def _task_pairs(cell: Cell, config: BattleConfig, cache: Cache, device: str, b: str) -> list[tuple[dict, bool]]:
     from backbench.probe import neighbour_tasks as nt
     from backbench.probe import ood_tasks as ot
     from backbench.probe import tasks as pt
 
     ds, p = config.datasets[cell.dataset], config.tasks[cell.stage]
-    b, common = cell.backbone, {"device": device}
+    common = {"device": device}
     if cell.stage == "probe":
         return [pt.run_probe(cache, b, ds.name, ds.train, ds.eval, val=ds.val, Cs=p.get("C"), **common)]
     if cell.stage == "fewshot":
@@ -113,12 +121,14 @@ class _Extractor:
         from backbench.extract.backbones import load_backbone
         from backbench.extract.run import extract
 
-        if cell.backbone not in self.loaded:
-            self.loaded = {cell.backbone: load_backbone(cell.backbone)}  # keep one model in memory
+        name, _, kind = cell.backbone.partition("#")  # "NAME#cls": extract that feature kind
+        if name not in self.loaded:
+            self.loaded = {name: load_backbone(name)}  # keep one model in memory
         ds = self.config.datasets[cell.dataset]
         # a daemonic process (a dask worker) cannot start DataLoader workers: decode in-process
         workers = 0 if multiprocessing.current_process().daemon else self.config.workers
-        res = extract(self.loaded[cell.backbone], ds.splits[cell.split], cache=self.cache, dataset=ds.name,
+        res = extract(self.loaded[name], ds.splits[cell.split], cache=self.cache, dataset=ds.name,
+                      features=[kind or "pooled"],
                       split=cell.split, limit=ds.limit, batch_size=self.config.batch_size, device=self.config.device,
                       workers=workers, progress=progress, shard=cell.shard)
         return "reused" if res.status == "up-to-date" else "done"

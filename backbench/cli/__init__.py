@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import contextvars
+import re
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Optional
@@ -51,6 +52,21 @@ MemoryOpt = typer.Option(None, "--memory-limit", envvar="BACKBENCH_MEMORY_LIMIT"
                               "(8GB, 500MB; 0 = always). Default: half the free memory.")
 
 
+def _set_features(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        from backbench.extract.kinds import probe_kinds
+        from backbench.probe.data import _FEATURES
+
+        probe_kinds(value)
+        _FEATURES.set(value)
+    return value
+
+
+FeaturesOpt = typer.Option(None, "--features", callback=_set_features,
+                           help="Feature kind to probe: pooled (default), cls, mean-patch, cls+mean-patch, "
+                                "layer-4:cls; K1,K2 concatenated; last4:cls = the last 4 blocks' cls.")
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
     """Global options."""
@@ -83,7 +99,8 @@ def _register_commands() -> None:
     from backbench.cli import battle_cmds, cache_cmds, ood_cmds, probe_cmds  # noqa: F401
 
 
-MULTI_VALUE = {"--shots", "-k", "--ks", "--C", "--ood", "--scores", "--shifted", "--layers"}
+MULTI_VALUE = {"--shots", "-k", "--ks", "--C", "--ood", "--scores", "--shifted", "--layers", "--features"}
+_NEGATIVE = re.compile(r"^-\d+$")  # --layers -1 -4: negative numbers are values, not options
 
 
 def expand_multi(args: list[str]) -> list[str]:
@@ -95,10 +112,11 @@ def expand_multi(args: list[str]) -> list[str]:
             flag = a
             out_args.append(a)
             continue
-        if flag and out_args[-1] != flag and not a.startswith("-"):
+        value = not a.startswith("-") or (flag == "--layers" and _NEGATIVE.match(a))
+        if flag and out_args[-1] != flag and value:
             out_args += [flag, a]
             continue
-        if a.startswith("-"):
+        if not value:
             flag = None
         out_args.append(a)
     return out_args

@@ -16,13 +16,15 @@ from backbench.errors import BackbenchError
 @app.command()
 def models(
     pattern: Optional[str] = typer.Argument(None, help="Substring or glob to filter names, e.g. 'vit_*'."),
-    source: Optional[str] = typer.Option(None, "--source", help="Only this source: timm, open_clip."),
+    source: Optional[str] = typer.Option(None, "--source",
+                                         help="Only this source: timm, open_clip, torchvision, hf (or a plugin's)."),
     limit: int = typer.Option(200, "--limit", help="At most this many names."),
     json_: bool = JsonOpt,
 ) -> None:
     """List backbones that can be named; ✓ marks weights already on this machine.
 
     Example:  backbench models --source timm 'efficientnet_lite*'
+              backbench models --source torchvision resnet
     """
     from backbench.extract.backbones import SOURCES, _ensure_sources
     from backbench.extract.catalog import catalog, on_machine
@@ -34,9 +36,13 @@ def models(
     if json_:
         return emit_json(rows)
     table(rows, ["name", "on_machine", "weights"], title="backbones")
+    if source is not None and SOURCES[source].about:
+        out.print(SOURCES[source].about)
     if not (pattern or source):
-        out.print("Also any timm or open_clip architecture with @random (random init) or @PATH (local weights),\n"
-                  "e.g. timm:resnet18@random, open_clip:ViT-B-32@random. Browse: backbench models --source timm vit")
+        out.print("Also any timm, torchvision or open_clip architecture with @random (random init) or @PATH (local\n"
+                  "weights), e.g. timm:resnet18@random, torchvision:resnet50@IMAGENET1K_V2, open_clip:ViT-B-32@random;\n"
+                  "any transformers vision model as hf:OWNER/NAME or hf:/path/to/dir.\n"
+                  "Browse: backbench models --source timm vit; backbench models --source torchvision resnet")
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:
@@ -74,7 +80,8 @@ class _LazyBar:
 @app.command()
 def extract(
     backbones: List[str] = typer.Argument(..., help="One or more SOURCE:ID[@WEIGHTS] names."),
-    data: str = typer.Option(..., "--data", help="imagefolder:PATH, csv:PATH or digits."),
+    data: str = typer.Option(..., "--data", help="imagefolder:PATH, csv:PATH, digits, textures, torchvision:NAME:ROOT, "
+                                                 "hf-dataset:NAME[:CONFIG][?image=COL&label=COL], wds:PATTERN."),
     dataset: str = typer.Option(..., "--dataset", help="Dataset name in the cache, e.g. cifar10."),
     split: str = typer.Option(..., "--split", help="Split name in the cache, e.g. train."),
     cache: Optional[str] = CacheOpt,
@@ -91,6 +98,12 @@ def extract(
     decode: str = typer.Option("auto", "--decode",
                                help="workers (PIL), device (JPEGs on the GPU with nvJPEG) or auto (device on CUDA)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (pays off on long runs)."),
+    features: Optional[List[str]] = typer.Option(None, "--features",
+                                                 help="Feature kinds: pooled (default) cls mean-patch cls+mean-patch."),
+    layers: Optional[List[int]] = typer.Option(None, "--layers",
+                                               help="Also from these blocks, counted from the end: -1 -4."),
+    views: str = typer.Option("center", "--views", help="center, flip or center+flip (averaged)."),
+    download: bool = typer.Option(False, "--download", help="Let a torchvision: dataset download missing files into ROOT."),
     json_: bool = JsonOpt,
 ) -> None:
     """Extract frozen-backbone features into the cache; reruns resume and skip finished work.
@@ -109,15 +122,17 @@ def extract(
     for name in backbones:  # fail fast on typos before any model loads
         resolve(name)
     if processes > 1:
+        if download:  # fetch once here, not in N shard processes racing to write the same files
+            open_source(data, split, download=True)
         return _launch_shards(processes)
-    source, store = open_source(data, split), Cache(cache)
+    source, store = open_source(data, split, download=download), Cache(cache)
     results = []
     for name in backbones:
         with _LazyBar(f"{name} {dataset}/{split}") as bar:
             res = run(name, source, cache=store, dataset=dataset, split=split, batch_size=batch_size,
                       device=device, dtype=dtype, workers=workers, limit=limit, overwrite=overwrite,
                       chunk_rows=chunk_rows, shard=_parse_shard(shard), on_error=on_error, progress=bar,
-                      decode=decode, compile=compile_,
+                      decode=decode, compile=compile_, features=features, layers=layers, views=views,
                       on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
                                                 f"group; waiting for it, then doing what is left"))
         results.append(res.to_dict())
@@ -183,7 +198,7 @@ def ls_(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
     for r in rows:
         r["N"], r["D"] = r["n"], r["dim"]
         r["rows"] = r["rows_done"]
-    table(rows, ["backbone", "dataset", "split", "N", "D", "dtype", "rows", "logits", "complete"],
+    table(rows, ["backbone", "dataset", "split", "features", "N", "D", "dtype", "rows", "logits", "complete"],
           title=str(store.path))
 
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from backbench.cli import CacheOpt, JsonOpt, MemoryOpt, app, emit_json, out, table
+from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, out, table
 from backbench.cli.probe_cmds import BackboneOpt, CompleteOpt, DeviceOpt, ForceOpt, probe_device
 from backbench.errors import BackbenchError
 
@@ -23,6 +23,7 @@ def ood(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    features: Optional[str] = FeaturesOpt,
     memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
@@ -67,6 +68,7 @@ def shift(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    features: Optional[str] = FeaturesOpt,
     memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,

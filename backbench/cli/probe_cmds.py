@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from backbench.cli import CacheOpt, JsonOpt, MemoryOpt, app, emit_json, table
+from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, table
 from backbench.errors import BackbenchError
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted.")
@@ -60,6 +60,7 @@ def probe(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    features: Optional[str] = FeaturesOpt,
     memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
@@ -139,6 +140,7 @@ def knn(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    features: Optional[str] = FeaturesOpt,
     memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
@@ -174,6 +176,7 @@ def retrieve(
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     complete_only: bool = CompleteOpt,
+    features: Optional[str] = FeaturesOpt,
     memory_limit: Optional[str] = MemoryOpt,
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,

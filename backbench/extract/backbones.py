@@ -2,13 +2,21 @@
 
 As in timm's ``_registry.py``, sources register themselves by decorator; a name is split
 once on the first ``:`` and the id stays opaque to the core. ``WEIGHTS`` is ``random``,
-``local`` (weights a known package put on this machine), or a path to a state dict.
+``local`` (weights a known package put on this machine), a path to a state dict, or a tag
+the source names (torchvision's ``@IMAGENET1K_V2``).
+
+Sources built in: ``timm:``, ``open_clip:``, ``torchvision:``, ``hf:`` (see
+:mod:`backbench.extract.sources`) and ``custom:`` (any ``nn.Module``, see
+:func:`custom_backbone`). Packages add their own through the ``backbench.backbones`` entry
+point group: each entry point names a function that gets :func:`register_source`.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.metadata
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -98,18 +106,31 @@ class Backbone:
         }
 
 
+DOWNLOAD_NOTE = "download from the hub; or @random / @PATH"
+
+
 @dataclass(frozen=True)
 class Source:
-    """One backbone source: how to load a spec and how to list what can be named."""
+    """One backbone source: how to load a spec and how to list what can be named.
+
+    ``weight_tags(id)`` names the ``@TAG`` weights a source knows besides random/local/PATH;
+    ``catalog_note`` is the weights column of ``backbench models`` for names not on this
+    machine; ``about`` is a line ``backbench models --source NAME`` prints after the table.
+    """
 
     name: str
     load: Callable[[BackboneSpec], Backbone]
     list_ids: Callable[[], list[str]]
     on_machine: Callable[[], list[tuple[str, str]]]
     validate: Callable[[str], bool]
+    weight_tags: Callable[[str], list[str]] = field(default=lambda ident: [])
+    catalog_note: str = DOWNLOAD_NOTE
+    about: str = ""
 
 
 SOURCES: dict[str, Source] = {}
+PLUGIN_GROUP = "backbench.backbones"
+log = logging.getLogger("backbench")
 
 
 def register_source(
@@ -118,18 +139,54 @@ def register_source(
     list_ids: Callable[[], list[str]],
     validate: Callable[[str], bool],
     on_machine: Callable[[], list[tuple[str, str]]] = list,
+    weight_tags: Callable[[str], list[str]] | None = None,
+    catalog_note: str = DOWNLOAD_NOTE,
+    about: str = "",
 ) -> Callable[[Callable[[BackboneSpec], Backbone]], Callable[[BackboneSpec], Backbone]]:
-    """Decorator: register ``fn(spec) -> Backbone`` as the loader of ``name:...`` backbones."""
+    """Decorator: register ``fn(spec) -> Backbone`` as the loader of ``name:...`` backbones.
+
+    Plugins call it too: a package declares
+    ``[project.entry-points."backbench.backbones"] mysrc = "pkg.module:register"`` and
+    ``register(register_source)`` is called when the registry is first used.
+    """
 
     def deco(fn: Callable[[BackboneSpec], Backbone]) -> Callable[[BackboneSpec], Backbone]:
-        SOURCES[name] = Source(name, fn, list_ids, on_machine, validate)
+        SOURCES[name] = Source(name, fn, list_ids, on_machine, validate, weight_tags or (lambda ident: []),
+                               catalog_note, about)
         return fn
 
     return deco
 
 
+_plugins_loaded = False
+
+
 def _ensure_sources() -> None:
-    from backbench.extract import sources  # noqa: F401  (registers timm, open_clip)
+    global _plugins_loaded
+    from backbench.extract import sources  # noqa: F401  (registers timm, open_clip, torchvision, hf)
+
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        load_plugins()
+
+
+def load_plugins() -> list[str]:
+    """Call every ``backbench.backbones`` entry point with :func:`register_source`.
+
+    A plugin that fails to import or to register is reported in one warning line and
+    skipped; the names of the plugins that loaded are returned.
+    """
+    loaded = []
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()(register_source)
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            log.warning("backbench: backbone plugin %r (%s) failed to load and is skipped: %s: %s",
+                        ep.name, ep.value, type(exc).__name__, first)
+            continue
+        loaded.append(ep.name)
+    return loaded
 
 
 def resolve(name: str) -> tuple[BackboneSpec, Source]:
@@ -149,7 +206,16 @@ def resolve(name: str) -> tuple[BackboneSpec, Source]:
         )
     path = spec.weights_path
     if path is not None and not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist; give a .safetensors or .pth path, or @random")
+        tags = source.weight_tags(spec.id)
+        if spec.weights in tags:
+            return spec, source
+        also = ""
+        if tags:
+            close = difflib.get_close_matches(spec.weights, tags, n=1)
+            also = (f"; did you mean {spec.source}:{spec.id}@{close[0]}?" if close else "") + \
+                f" ({spec.source}:{spec.id} also takes @{', @'.join(tags)})"
+        raise WeightsError(f"weights file {str(path)!r} does not exist; give a .safetensors or .pth path, "
+                           f"or @random{also}")
     return spec, source
 
 
@@ -225,3 +291,83 @@ def apply_state_dict(model: Any, sd: dict[str, Any], head_keys: set[str]) -> tup
         f"weights do not fit the architecture: {len(theirs)} tensors in the file, "
         f"{len(_params(own))} in the model, and names/shapes do not line up; check the model name"
     )
+
+
+# ------------------------------------------------------------------------- custom
+
+_CUSTOM: dict[str, Backbone] = {}
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _as_preprocess(preprocess: Preprocess | dict[str, Any]) -> Preprocess:
+    if isinstance(preprocess, Preprocess):
+        return preprocess
+    if not isinstance(preprocess, dict) or "input_size" not in preprocess:
+        raise BackboneNotFound("custom_backbone: preprocess is a Preprocess or a dict with at least input_size "
+                               "(e.g. {'input_size': (3, 224, 224), 'mean': ..., 'std': ..., "
+                               "'interpolation': 'bicubic', 'crop_pct': 0.875})")
+    size = preprocess["input_size"]
+    size = (3, int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+    if len(size) == 2:
+        size = (3, *size)
+    return Preprocess(
+        input_size=size,
+        mean=tuple(float(v) for v in preprocess.get("mean", _IMAGENET_MEAN)),
+        std=tuple(float(v) for v in preprocess.get("std", _IMAGENET_STD)),
+        interpolation=str(preprocess.get("interpolation", "bicubic")),
+        crop_pct=float(preprocess.get("crop_pct", 0.875)),
+    )
+
+
+def custom_backbone(
+    name: str,
+    model: Any,
+    preprocess: Preprocess | dict[str, Any],
+    forward: Callable[[Any, Any], Any] | None = None,
+    weights_note: str = "",
+) -> Backbone:
+    """Any ``nn.Module`` as a backbone, for :func:`backbench.extract.run.extract`.
+
+    ``name`` is ``custom:NAME`` (a bare ``NAME`` gets the prefix), the backbone's name in the
+    cache. ``preprocess`` is a :class:`Preprocess` or a dict of its fields (``input_size``
+    required; ImageNet mean/std, bicubic and crop_pct 0.875 by default). ``forward(model, x)``
+    returns the features, or ``(features, logits)``; by default the features are ``model(x)``
+    (flattened to one row per image) and there are no logits. The backbone is also loadable by name in this process
+    (``load_backbone("custom:NAME")``), e.g. by a battle run in the same interpreter::
+
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        bb = custom_backbone("custom:tiny", net, {"input_size": (3, 32, 32)})
+        extract(bb, "digits", cache="features.zarr", dataset="digits", split="test")
+    """
+    source, sep, ident = name.partition(":")
+    if not sep:
+        source, ident = "custom", name
+    if source != "custom" or not ident or "@" in ident:
+        raise BackboneNotFound(f"custom backbone name {name!r}: use custom:NAME (NAME without ':' or '@'), so that "
+                               f"it cannot be taken for a {source} backbone in the cache")
+
+    def forward_fn(m, x):
+        out = forward(m, x) if forward is not None else m(x)
+        feats, logits = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+        return (feats.flatten(1) if feats.ndim > 2 else feats), logits
+
+    bb = Backbone(BackboneSpec("custom", ident), model, _as_preprocess(preprocess), forward_fn, False,
+                  weights_note or f"custom nn.Module {type(model).__name__} (custom_backbone)")
+    bb.has_logits = bb.num_classes > 0
+    _CUSTOM[ident] = bb
+    return bb
+
+
+def _load_custom(spec: BackboneSpec) -> Backbone:
+    if spec.weights is not None:
+        raise WeightsError(f"custom:{spec.id} takes no @weights: load them into the module before custom_backbone()")
+    return _CUSTOM[spec.id]
+
+
+register_source(
+    "custom", list_ids=lambda: sorted(_CUSTOM), validate=lambda ident: ident in _CUSTOM,
+    on_machine=lambda: [(f"custom:{k}", "in this Python process (custom_backbone)") for k in sorted(_CUSTOM)],
+    catalog_note="in this Python process (custom_backbone)",
+    about="custom:NAME backbones exist in the Python process that made them with "
+          "backbench.extract.backbones.custom_backbone(name, module, preprocess)",
+)(_load_custom)

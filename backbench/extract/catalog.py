@@ -1,4 +1,9 @@
-"""What can be named: each source's ids, and which weights are already on this machine."""
+"""What can be named: each source's ids, and which weights are already on this machine.
+
+Each registered source lists its own ids (``Source.list_ids``: timm's and open_clip's
+architectures, torchvision's image classifiers, the transformers repos in the local Hugging
+Face cache, plugins' own) and what is on this machine (``Source.on_machine``).
+"""
 
 from __future__ import annotations
 
@@ -47,8 +52,7 @@ def catalog(source: str | None = None, pattern: str | None = None, limit: int = 
         for ident in SOURCES[name].list_ids():
             full = f"{name}:{ident}"
             if full not in ready and _match(full, pattern):
-                rows.append({"name": full, "on_machine": False,
-                             "weights": "download from the hub; or @random / @PATH"})
+                rows.append({"name": full, "on_machine": False, "weights": SOURCES[name].catalog_note})
             if len(rows) >= limit:
                 return rows
     return rows

@@ -1,4 +1,5 @@
-"""Data sources: ``imagefolder:PATH``, ``csv:PATH`` and the bundled ``digits``.
+"""Data sources: ``imagefolder:PATH``, ``csv:PATH``, the bundled ``digits`` and ``textures``,
+``torchvision:NAME:ROOT``, ``hf-dataset:NAME[:CONFIG]`` and ``wds:PATTERN`` (WebDataset shards).
 
 Every sample has a stable id (its relative path, or its index for digits), an integer
 label, and the class names are kept. A source's fingerprint covers ids, labels and file
@@ -58,10 +59,12 @@ class ImageSource:
         return {"source": self.spec, "n": len(self), "classes": self.classes, "fingerprint": self.fingerprint()}
 
 
-def _open_rgb(path: Path):
+def _open_rgb(path: Path | Any, name: str | None = None):
     """Decode any PIL image as RGB: first frame of animations, 16-bit scaled to 8-bit.
 
-    Truncated or unidentifiable files and decompression bombs raise :class:`SampleError`.
+    ``path`` may also be a binary file object (an image held in memory), then ``name`` says
+    which sample it is in errors. Truncated or unidentifiable files and decompression bombs
+    raise :class:`SampleError`.
     """
     import warnings
 
@@ -74,7 +77,7 @@ def _open_rgb(path: Path):
                 img.load()
                 return _to_rgb(img)
     except Exception as exc:
-        raise SampleError(f"cannot decode image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        raise SampleError(f"cannot decode image {name or str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _to_rgb(img):
@@ -270,24 +273,549 @@ class Textures(ImageSource):
         return Image.fromarray(rgb, mode="RGB")
 
 
-SOURCE_KINDS: dict[str, Callable[[str, str], ImageSource]] = {
+def _label_values(values: list[Any], what: str, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and class names from raw label values (ints or names).
+
+    With ``names`` (a classes file), ints index into it and strings are looked up in it.
+    Without, integer labels keep their value and the classes are ``"0" .. str(max)`` (so a
+    split that lacks a class still numbers the others alike); string labels become the sorted
+    unique names (numerically sorted when all are numbers).
+    """
+    if not values:
+        raise DataSourceError(f"{what} holds no samples")
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
+    strs = all(isinstance(v, str) for v in values)
+    if not (ints or strs):
+        raise DataSourceError(f"{what} mixes integer and text labels (e.g. {values[0]!r}); use one kind")
+    if ints:
+        labels = np.asarray(values, dtype=np.int64)
+        if labels.min() < 0:
+            raise DataSourceError(f"{what} has unlabelled samples (label {int(labels.min())}); "
+                                  f"extract a labelled split")
+        if names is not None:
+            if labels.max() >= len(names):
+                raise DataSourceError(f"{what} has label {int(labels.max())} but only {len(names)} class names")
+            return labels, list(names)
+        return labels, [str(i) for i in range(int(labels.max()) + 1)]
+    if names is None:
+        uniq = set(values)
+        numeric = all(n.lstrip("-").isdigit() for n in uniq)
+        names = sorted(uniq, key=(lambda n: int(n)) if numeric else None)
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise DataSourceError(f"{what} has label {unknown[0]!r} that its class list lacks")
+    return np.asarray([index[v] for v in values], dtype=np.int64), list(names)
+
+
+def _any_to_rgb(img, name: str):
+    """A PIL image, numpy array or tensor (HWC or CHW, uint8 or float in [0, 1]) as RGB PIL."""
+    from PIL import Image
+
+    try:
+        if isinstance(img, Image.Image):
+            img.load()
+            return _to_rgb(img)
+        arr = np.asarray(img.numpy() if hasattr(img, "numpy") else img)
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+            arr = arr.transpose(1, 2, 0)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.dtype != np.uint8:
+            scale = 255.0 if arr.dtype.kind == "f" and float(arr.max(initial=0)) <= 1.0 else 1.0
+            arr = np.clip(arr.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    except Exception as exc:
+        raise SampleError(f"cannot convert image {name!r} to RGB: {type(exc).__name__}: {exc}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class TorchvisionSource(ImageSource):
+    """``torchvision:NAME:ROOT``: a ``torchvision.datasets`` classification dataset in ROOT.
+
+    ``train=`` datasets (CIFAR10/100, MNIST, FashionMNIST, KMNIST, ...) take the splits
+    ``train`` and ``test``; ``split=`` datasets (SVHN, STL10, Food101, DTD, Flowers102,
+    OxfordIIITPet, StanfordCars, GTSRB, ...) get backbench's split name as is; datasets with
+    neither (EuroSAT, Caltech101, ...) are one whole set under whatever split name is given.
+    Nothing is downloaded unless ``download=True`` (``extract --download``).
+    """
+
+    LABEL_ATTRS = ("targets", "labels", "_labels", "y")
+    SAMPLE_ATTRS = ("samples", "_samples", "imgs")
+
+    def __init__(self, arg: str, split: str, download: bool = False) -> None:
+        import inspect
+
+        name, sep, root = arg.partition(":")
+        if not sep or not name or not root:
+            raise DataSourceError(f"torchvision:{arg} needs NAME:ROOT, e.g. torchvision:CIFAR10:/data/cifar")
+        cls = self._dataset_class(name)
+        name = cls.__name__
+        self.root, self.name, self.split = os.path.expanduser(root), name, split
+        self.spec = f"torchvision:{name}:{self.root}"
+        params = inspect.signature(cls.__init__).parameters
+        kwargs: dict[str, Any] = {}
+        if "train" in params:
+            if split not in ("train", "test"):
+                raise DataSourceError(f"torchvision {name} has splits train, test; not {split!r}")
+            kwargs["train"] = split == "train"
+        elif "split" in params:
+            kwargs["split"] = split
+        self._split_arg = kwargs.get("train", kwargs.get("split"))
+        if "download" in params:
+            kwargs["download"] = download
+        try:
+            self._ds = cls(self.root, **kwargs)
+        except ValueError as exc:
+            import re
+
+            valid = re.search(r"Valid values are \{(.*?)\}", str(exc))
+            if valid and "split" in str(exc):
+                raise DataSourceError(f"torchvision {name} has splits {valid.group(1)}; not {split!r}") from exc
+            raise DataSourceError(f"torchvision {name} in {self.root!r}: {_one_line(exc)}") from exc
+        except Exception as exc:  # RuntimeError "Dataset not found", FileNotFoundError, ...
+            looked = os.path.join(self.root, cls.base_folder) if isinstance(getattr(cls, "base_folder", None), str) \
+                else self.root
+            hint = ("pass --download to fetch it there" if "download" in params and not download
+                    else "check ROOT") + ", or point ROOT at the folder that holds the dataset"
+            raise DataSourceError(
+                f"torchvision {name} ({split}) has no readable files in {looked!r} ({_one_line(exc)}); {hint}"
+            ) from exc
+        raw = self._read_labels()
+        names = self._class_names()
+        what = f"torchvision {name} ({split})"
+        if names is not None and raw and max(raw) >= len(names):
+            names = None  # a class list that does not cover the labels is not trusted
+        self.labels, self.classes = _label_values(raw, what, names)
+        self.ids = [f"{split}/{i}" for i in range(len(self.labels))]
+
+    @staticmethod
+    def _dataset_class(name: str):
+        import inspect
+
+        import torchvision.datasets as tvd
+
+        found = getattr(tvd, name, None)
+        if not inspect.isclass(found):
+            lower = {n.lower(): n for n in tvd.__all__}
+            found = getattr(tvd, lower.get(name.lower(), ""), None)
+        if not inspect.isclass(found):
+            examples = "CIFAR10, CIFAR100, MNIST, FashionMNIST, SVHN, STL10, Food101, DTD, Flowers102, OxfordIIITPet"
+            raise DataSourceError(f"torchvision.datasets has no dataset {name!r}; use a class name such as {examples}")
+        return found
+
+    def _read_labels(self) -> list[Any]:
+        """Labels without decoding images where the dataset keeps them; else one pass over it."""
+        ds, n = self._ds, len(self._ds)
+        for attr in self.LABEL_ATTRS:
+            value = getattr(ds, attr, None)
+            if value is not None and not isinstance(value, (str, bytes)) and len(value) == n:
+                arr = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+                if arr.ndim == 1 and arr.dtype.kind in "iu":
+                    return arr.astype(np.int64).tolist()
+        for attr in self.SAMPLE_ATTRS:
+            value = getattr(ds, attr, None)
+            if isinstance(value, list) and len(value) == n and all(
+                    isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], (int, np.integer)) for s in value):
+                return [int(s[1]) for s in value]
+        out = []
+        for i in range(n):
+            target = ds[i][1]
+            if hasattr(target, "numpy"):
+                target = target.numpy()
+            if isinstance(target, np.ndarray) and target.ndim == 0:
+                target = target.item()
+            if not isinstance(target, (int, np.integer)) or isinstance(target, bool):
+                raise DataSourceError(
+                    f"torchvision {self.name} sample {i} has target {type(target).__name__}, not a class index; "
+                    f"only classification datasets can be extracted"
+                )
+            out.append(int(target))
+        return out
+
+    def _class_names(self) -> list[str] | None:
+        for attr in ("classes", "categories"):
+            names = getattr(self._ds, attr, None)
+            if isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names):
+                return list(names)
+        return None
+
+    def load(self, index: int):
+        try:
+            img = self._ds[index][0]
+        except Exception as exc:
+            raise SampleError(f"cannot read {self.name} sample {self.ids[index]!r}: {_one_line(exc)}") from exc
+        return _any_to_rgb(img, self.ids[index])
+
+    def _fingerprint_extra(self) -> Any:
+        return [self.name, self._split_arg]
+
+
+class HFDatasetSource(ImageSource):
+    """``hf-dataset:NAME[:CONFIG][?image=COL&label=COL&id=COL]`` via the ``datasets`` library.
+
+    NAME is a directory written by ``save_to_disk`` (opened with ``load_from_disk``), a local
+    folder or file ``load_dataset`` reads (imagefolder, parquet, ...), or a hub id. The image
+    column is the one ``datasets.Image`` feature and the label column the one ``ClassLabel``
+    (else a column named ``label``/``labels``); ``?image=``/``?label=`` pick them by name.
+    Ids come from an ``id``, ``image_id`` or ``file_name`` column with unique values (or
+    ``?id=``), else ``SPLIT/INDEX``.
+    """
+
+    ID_COLUMNS = ("id", "image_id", "file_name")
+    OPTIONS = ("image", "label", "id")
+
+    def __init__(self, arg: str, split: str) -> None:
+        from urllib.parse import parse_qsl
+
+        target, _, query = arg.partition("?")
+        name, _, config = target.partition(":")
+        if not name:
+            raise DataSourceError(f"hf-dataset:{arg} needs a dataset, e.g. hf-dataset:/data/pets or hf-dataset:cifar10")
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise DataSourceError(f"hf-dataset: unknown option {unknown[0]!r} in {arg!r}; use ?image=COL&label=COL&id=COL")
+        self.spec, self.split = f"hf-dataset:{arg}", split
+        ds = self._load(os.path.expanduser(name), config or None, split)
+        what = f"hf-dataset {name} ({split})"
+        image, label = self._columns(ds, options.get("image"), options.get("label"), what)
+        self._image, self._label = image, label
+        import datasets
+
+        feature = ds.features[label]
+        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        self.labels, self.classes = _label_values(_column(ds, label), what, names)
+        self.ids = self._ids(ds, options.get("id"), what)
+        self._fp = [getattr(ds, "_fingerprint", None), image, label]
+        self._raw = ds.select_columns([image]).cast_column(image, datasets.Image(decode=False))
+
+    @staticmethod
+    def _load(name: str, config: str | None, split: str):
+        try:
+            import datasets
+        except ImportError as exc:
+            raise DataSourceError("hf-dataset: needs the datasets library; pip install 'datasets>=2.19'") from exc
+        if name.startswith(("/", "./", "../", "~")) and not os.path.exists(name):
+            raise DataSourceError(f"hf-dataset: local path {name!r} does not exist; give a save_to_disk folder, "
+                                  f"a data folder or a hub id such as owner/name")
+        saved = os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f))
+                                            for f in ("dataset_dict.json", "state.json"))
+        try:
+            if saved:
+                if config:
+                    raise DataSourceError(f"hf-dataset: {name!r} was written by save_to_disk and has no "
+                                          f"configs; drop :{config}")
+                ds = datasets.load_from_disk(name)
+            else:
+                ds = datasets.load_dataset(name, config, split=split)
+        except DataSourceError:
+            raise
+        except Exception as exc:
+            import re
+
+            found = re.search(r"[Ss]plit.*?(\[.*?\])", str(exc))
+            if found and split in str(exc):
+                raise DataSourceError(f"hf-dataset {name} has splits {found.group(1)}; not {split!r}") from exc
+            where = "local path" if os.path.exists(name) else "hub dataset (no local path of that name)"
+            raise DataSourceError(f"hf-dataset: cannot load {where} {name!r}: {_one_line(exc)}") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataSourceError(f"hf-dataset {name} has splits {', '.join(ds)}; not {split!r}")
+            ds = ds[split]
+        return ds
+
+    @staticmethod
+    def _columns(ds, image: str | None, label: str | None, what: str) -> tuple[str, str]:
+        import datasets
+
+        features, columns = ds.features, ", ".join(ds.features)
+        for col in (image, label):
+            if col is not None and col not in features:
+                raise DataSourceError(f"{what} has no column {col!r}; columns: {columns}")
+        if image is None:
+            found = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+            if len(found) != 1:
+                raise DataSourceError(
+                    f"{what} has {'no' if not found else 'several'} image columns ({', '.join(found) or columns}); "
+                    f"name one with ?image=COL"
+                )
+            image = found[0]
+        elif not isinstance(features[image], datasets.Image):
+            raise DataSourceError(f"{what} column {image!r} is {features[image]!r}, not an Image feature")
+        if label is None:
+            found = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+            if not found:
+                found = [c for c in ("label", "labels") if c in features][:1]
+            if len(found) != 1:
+                raise DataSourceError(
+                    f"{what} has {'no' if not found else 'several'} ClassLabel columns ({', '.join(found) or columns}); "
+                    f"name the label column with ?label=COL"
+                )
+            label = found[0]
+        return image, label
+
+    def _ids(self, ds, column: str | None, what: str) -> list[str]:
+        candidates = [column] if column else [c for c in self.ID_COLUMNS if c in ds.features]
+        for col in candidates:
+            if col not in ds.features:
+                raise DataSourceError(f"{what} has no column {col!r}; columns: {', '.join(ds.features)}")
+            ids = [str(v) for v in _column(ds, col)]
+            if len(set(ids)) == len(ids):
+                return ids
+            if column:
+                raise DataSourceError(f"{what} column {col!r} repeats values; ids must be unique")
+        return [f"{self.split}/{i}" for i in range(len(ds))]
+
+    def read_bytes(self, index: int) -> bytes:
+        try:
+            cell = self._raw[int(index)][self._image]
+            if cell.get("bytes") is not None:
+                return cell["bytes"]
+            with open(cell["path"], "rb") as fh:
+                return fh.read()
+        except Exception as exc:
+            raise SampleError(f"cannot read image {self.ids[index]!r}: {_one_line(exc)}") from exc
+
+    def load(self, index: int):
+        import io
+
+        return _open_rgb(io.BytesIO(self.read_bytes(index)), self.ids[index])
+
+    def _fingerprint_extra(self) -> Any:
+        return self._fp
+
+
+def _column(ds, name: str) -> list[Any]:
+    """One column of a ``datasets.Dataset`` as a list, read through Arrow (no image decoding)."""
+    return ds.select_columns([name]).with_format("arrow")[:].column(name).to_pylist()
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``a{000..002}b{x,y}`` -> the 6 names, in order; zero-padded numeric ranges keep their width."""
+    import re
+
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, rest = pattern[: m.start()], m.group(1), _expand_braces(pattern[m.end():])
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        width = max(len(a), len(b)) if (a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0")) else 0
+        step = 1 if int(b) >= int(a) else -1
+        options = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        options = ["{" + body + "}"]
+    return [head + o + r for o in options for r in rest]
+
+
+class WebDatasetSource(ImageSource):
+    """``wds:PATTERN``: WebDataset tar shards (``{000..009}`` ranges, globs, or a folder of .tar).
+
+    Opening makes one sequential pass over the shards' headers, grouping members by key (the
+    path before the first dot of the file name) and recording each sample's image offset and
+    size, so ``load(i)``/``read_bytes(i)`` read one image straight from its shard. The image is
+    the ``jpg``/``jpeg``/``png``/``webp`` member, the label the ``cls`` member (an integer) or
+    ``json`` (``{"label": ...}``). Ids are ``SHARD/KEY``. A ``classes.txt`` (one name a line)
+    or ``classes.json`` (a list) next to the shards names the classes.
+    """
+
+    IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+    def __init__(self, pattern: str) -> None:
+        self.spec = f"wds:{pattern}"
+        self._paths = self._shards(pattern)
+        shard_idx, offsets, sizes, ids, raw = [], [], [], [], []
+        for s, path in enumerate(self._paths):
+            for key, offset, size, label in self._index(path):
+                shard_idx.append(s)
+                offsets.append(offset)
+                sizes.append(size)
+                ids.append(f"{os.path.basename(path)}/{key}")
+                raw.append(label)
+        if not ids:
+            raise DataSourceError(f"wds:{pattern}: the shards hold no samples")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise DataSourceError(f"wds:{pattern}: sample {dup!r} appears twice; keys must be unique per shard")
+        self._shard = np.asarray(shard_idx, dtype=np.int32)
+        self._offset = np.asarray(offsets, dtype=np.int64)
+        self._size = np.asarray(sizes, dtype=np.int64)
+        self.ids = ids
+        self.labels, self.classes = _label_values(raw, f"wds:{pattern}", self._class_file())
+        self._shard_sizes = [[os.path.basename(p), _size(p)] for p in self._paths]
+
+    @staticmethod
+    def _shards(pattern: str) -> list[str]:
+        import glob
+
+        expanded = os.path.expanduser(pattern)
+        if os.path.isdir(expanded):
+            found = sorted(glob.glob(os.path.join(glob.escape(expanded), "*.tar")))
+            if not found:
+                raise DataSourceError(f"wds: folder {expanded!r} holds no .tar shards")
+            return found
+        paths, missing = [], []
+        for name in _expand_braces(expanded):
+            if glob.has_magic(name):
+                paths += sorted(glob.glob(name))
+            elif os.path.isfile(name):
+                paths.append(name)
+            else:
+                missing.append(name)
+        if not paths:
+            raise DataSourceError(f"wds: no shards match {pattern!r}; give a path such as "
+                                  f"/data/train-{{000000..000009}}.tar, a glob or a folder")
+        if missing:
+            raise DataSourceError(f"wds: {len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]!r}; "
+                                  f"fix the range or the path")
+        return list(dict.fromkeys(paths))
+
+    @classmethod
+    def _index(cls, path: str):
+        """(key, image offset, image size, raw label) per sample of one shard, in order."""
+        import re
+        import tarfile
+
+        name = os.path.basename(path)
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(6)
+        except OSError as exc:
+            raise DataSourceError(f"wds: cannot read shard {path!r}: {_one_line(exc)}") from exc
+        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic[:6] == b"\xfd7zXZ\x00":
+            raise DataSourceError(f"wds: shard {path!r} is compressed; wds: reads images by offset and needs "
+                                  f"plain .tar shards (decompress them)")
+        samples: list[tuple[str, int, int, Any]] = []
+        key, current = None, {}
+
+        def flush() -> None:
+            if key is None:
+                return
+            if "image" not in current:
+                raise DataSourceError(f"wds: shard {name}: sample {key!r} has no image "
+                                      f"({'/'.join('.' + e for e in cls.IMAGE_EXTS)})")
+            if "label" not in current:
+                raise DataSourceError(f"wds: shard {name}: sample {key!r} has no label (a .cls member, or .json "
+                                      f"with \"label\"); wds: needs labelled samples")
+            samples.append((key, *current["image"], current["label"]))
+
+        try:
+            with tarfile.open(path, "r:") as tf:
+                while (member := tf.next()) is not None:
+                    tf.members.clear()  # the index keeps what it needs; don't hold every header
+                    if not member.isfile():
+                        continue
+                    m = re.match(r"^((?:.*/|)[^./]+)\.([^/]*)$", member.name)
+                    if not m or os.path.basename(member.name).startswith("__"):
+                        continue
+                    if m.group(1) != key:
+                        flush()
+                        key, current = m.group(1), {}
+                    ext = m.group(2).lower()
+                    if ext in cls.IMAGE_EXTS and "image" not in current:
+                        current["image"] = (member.offset_data, member.size)
+                    elif ext in ("cls", "json") and "label" not in current:
+                        current["label"] = cls._parse_label(tf.extractfile(member).read(), ext, name, key)
+                flush()
+        except tarfile.TarError as exc:
+            raise DataSourceError(f"wds: shard {path!r} is not a readable tar file: {_one_line(exc)}") from exc
+        return samples
+
+    @staticmethod
+    def _parse_label(data: bytes, ext: str, shard: str, key: str) -> Any:
+        try:
+            text = data.decode("utf-8").strip()
+            value = json.loads(text) if ext == "json" else text
+            if isinstance(value, dict):
+                value = value.get("label", value.get("cls"))
+            if isinstance(value, str) and value.lstrip("-").isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+                raise ValueError(f"label {value!r} is neither an integer nor a class name")
+            return value
+        except Exception as exc:
+            raise DataSourceError(f"wds: shard {shard}: sample {key!r} .{ext}: {_one_line(exc)}") from exc
+
+    def _class_file(self) -> list[str] | None:
+        folder = os.path.dirname(self._paths[0])
+        txt, js = os.path.join(folder, "classes.txt"), os.path.join(folder, "classes.json")
+        try:
+            if os.path.isfile(txt):
+                with open(txt) as fh:
+                    return [line.strip() for line in fh if line.strip()]
+            if os.path.isfile(js):
+                with open(js) as fh:
+                    names = json.load(fh)
+                if isinstance(names, dict):  # {name: index}
+                    names = [n for n, _ in sorted(names.items(), key=lambda kv: kv[1])]
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ValueError("expected a list of class names")
+                return names
+        except (OSError, ValueError) as exc:
+            raise DataSourceError(f"wds: cannot read the class names next to the shards: {_one_line(exc)}") from exc
+        return None
+
+    def read_bytes(self, index: int) -> bytes:
+        path, size = self._paths[self._shard[index]], int(self._size[index])
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(int(self._offset[index]))
+                data = fh.read(size)
+        except OSError as exc:
+            raise SampleError(f"cannot read image {self.ids[index]!r}: {_one_line(exc)}") from exc
+        if len(data) != size:
+            raise SampleError(f"cannot read image {self.ids[index]!r}: shard {path!r} is shorter than its index; "
+                              f"it changed since it was opened")
+        return data
+
+    def load(self, index: int):
+        import io
+
+        return _open_rgb(io.BytesIO(self.read_bytes(index)), self.ids[index])
+
+    def _fingerprint_extra(self) -> Any:
+        return [self._shard_sizes, self._size.tolist()]  # tar pads shards: image sizes see more edits
+
+
+SOURCE_KINDS: dict[str, Callable[..., ImageSource]] = {
     "imagefolder": lambda arg, split: ImageFolder(arg),
     "csv": lambda arg, split: CsvSource(arg),
     "digits": lambda arg, split: Digits(split),
     "textures": lambda arg, split: Textures(split),
+    "torchvision": lambda arg, split, download=False: TorchvisionSource(arg, split, download),
+    "hf-dataset": lambda arg, split: HFDatasetSource(arg, split),
+    "wds": lambda arg, split: WebDatasetSource(arg),
 }
 BUILTIN = ("digits", "textures")
+USAGE = {"torchvision": "torchvision:NAME:ROOT", "hf-dataset": "hf-dataset:NAME[:CONFIG]", "wds": "wds:PATTERN"}
 
 
-def open_source(spec: str, split: str) -> ImageSource:
-    """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none)."""
+def open_source(spec: str, split: str, *, download: bool = False) -> ImageSource:
+    """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none).
+
+    ``download`` lets a ``torchvision:`` dataset fetch missing files; other kinds ignore it.
+    """
+    import inspect
+
     kind, _, arg = spec.partition(":")
     factory = SOURCE_KINDS.get(kind)
     if factory is None:
         raise DataSourceError(
             f"unknown data source {kind!r} in {spec!r}; use one of "
-            + ", ".join(f"{k}:PATH" if k not in BUILTIN else k for k in SOURCE_KINDS)
+            + ", ".join(k if k in BUILTIN else USAGE.get(k, f"{k}:PATH") for k in SOURCE_KINDS)
         )
     if kind not in BUILTIN and not arg:
-        raise DataSourceError(f"data source {kind}: needs a path, e.g. {kind}:/data/train")
+        raise DataSourceError(f"data source {kind}: needs a path, e.g. "
+                              + {"torchvision": "torchvision:CIFAR10:/data/cifar", "hf-dataset": "hf-dataset:/data/pets",
+                                 "wds": "wds:/data/shards/train-{000000..000009}.tar"}.get(kind, f"{kind}:/data/train"))
+    if download and "download" in inspect.signature(factory).parameters:
+        return factory(arg, split, download=True)
     return factory(arg, split)

@@ -22,9 +22,10 @@ from backbench.errors import CacheError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
 from backbench.extract.decode import DeviceDecoder, jpeg_payload, provenance, resolve_decode
+from backbench.extract.kinds import check_view, expand
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache
-from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for
+from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for, group_key
 from backbench.store.lock import local_file, locked
 
 Progress = Callable[[int, int], None]
@@ -74,14 +75,14 @@ def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
 
 
 def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: str, dtype: str,
-                decoding: dict[str, str] | None = None) -> dict[str, Any]:
+                decoding: dict[str, str] | None = None, kind: str = "pooled", view: str = "center") -> dict[str, Any]:
     return {
         "backbench_kind": "features",
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "backbone_info": backbone.describe(),
         "preprocess": {**backbone.preprocess.to_dict(), **(decoding or {})},
-        "feature_kind": "pooled",
+        "feature_kind": kind if view == "center" else f"{kind}@{view}",
         "dataset": dataset,
         "split": split,
         "source": source.spec,
@@ -98,13 +99,14 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_classes: int,
-                   *, overwrite: bool, chunk_rows: int | None, batch_size: int = 1) -> FeatureGroup:
+                   *, overwrite: bool, chunk_rows: int | None, batch_size: int = 1,
+                   kind: str = "pooled") -> FeatureGroup:
     """The group for ``attrs``, created if absent; one made differently is refused.
 
     New groups get row chunks of about 4 MiB rounded to whole batches, so no batch is cut
     short at a chunk boundary (batches never cross chunks).
     """
-    key = (attrs["backbone"], attrs["dataset"], attrs["split"])
+    key = (attrs["backbone"], attrs["dataset"], attrs["split"], kind)
     if key in cache:
         group = cache.group(*key)
         diff = _mismatch(group.attrs, attrs)
@@ -120,7 +122,7 @@ def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_cl
         chunk_rows = chunk_rows_for(dim, np.dtype(attrs["dtype"]).itemsize, n)
         if chunk_rows >= batch_size:
             chunk_rows = chunk_rows // batch_size * batch_size
-    return cache.create_group(*key, n=n, dim=dim, num_classes=num_classes, dtype=attrs["dtype"],
+    return cache.create_group(*key[:3], kind=kind, n=n, dim=dim, num_classes=num_classes, dtype=attrs["dtype"],
                               chunk_rows=chunk_rows, attrs=attrs)
 
 
@@ -171,10 +173,16 @@ def _unpack(packed) -> list:
     return [next(chunks) if j else next(decoded) for j in jpeg.tolist()]
 
 
-def plan_batches(group: FeatureGroup, batch_size: int, shard: tuple[int, int]) -> list[list[int]]:
-    """Batches of row indices over this shard's unfinished chunks, never crossing a chunk."""
+def plan_batches(group: FeatureGroup | list[FeatureGroup], batch_size: int,
+                 shard: tuple[int, int]) -> list[list[int]]:
+    """Batches of row indices over this shard's unfinished chunks, never crossing a chunk.
+
+    With several groups (feature kinds, sharing one chunking) a chunk is done when done in all.
+    """
+    groups = group if isinstance(group, list) else [group]
+    group = groups[0]
     index, count = shard
-    done = group.done_chunks()
+    done = np.logical_and.reduce([g.done_chunks() for g in groups])
     batches = []
     for chunk in range(group.n_chunks):
         if done[chunk] or chunk % count != index:
@@ -231,34 +239,55 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
 
 
-def forward_step(backbone: Backbone, device: str, compile: bool | str = False):
-    """uint8 NCHW on the device -> (features, logits): normalize, channels-last and bf16 on
-    CUDA, the forward pass; compiled with ``torch.compile`` when asked (``True`` or a backend)."""
+def forward_step(backbone: Backbone, device: str, compile: bool | str = False, kinds: list[str] | None = None,
+                 view: str = "center"):
+    """uint8 NCHW on the device -> ({kind: features}, logits): normalize, channels-last and
+    bf16 on CUDA, the forward pass (the mirrored image too for the ``flip`` views); compiled
+    with ``torch.compile`` when asked (``True`` or a backend). Without ``kinds``: the pooled
+    ``(features, logits)`` pair."""
     import torch
+
+    from backbench.extract.kinds import kinds_forward
 
     cuda = device.startswith("cuda")
 
-    def step(x):
+    def one(x):
         x = backbone.preprocess.normalize(x)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            return backbone.forward(x)
+            if kinds is None:
+                return backbone.forward(x)
+            return kinds_forward(backbone, x, kinds)
+
+    def step(x):
+        if view == "center" or kinds is None:
+            return one(x)
+        flipped = one(x.flip(-1))
+        if view == "flip":
+            return flipped
+        feats, logits = one(x)  # center+flip: the two views' features (and logits) averaged
+        avg = {k: (v.float() + flipped[0][k].float()) / 2 for k, v in feats.items()}
+        return avg, (None if logits is None else (logits.float() + flipped[1].float()) / 2)
 
     if compile:
         return torch.compile(step, dynamic=False, **({} if compile is True else {"backend": compile}))
     return step
 
 
-def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, batches: list[list[int]], *,
-                device: str, workers: int, on_error: str, progress: Progress | None, decode: str = "workers",
-                compile: bool | str = False) -> list[dict[str, str]]:
-    """Forward every batch and hand its rows to the chunk writer; returns skipped samples."""
+def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
+                batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
+                decode: str = "workers", compile: bool | str = False, view: str = "center") -> list[dict[str, str]]:
+    """Forward every batch and hand its rows to the chunk writers (one group per feature kind,
+    the backbone's logits with the pooled one); returns skipped samples."""
     import torch
+
+    groups = group if isinstance(group, dict) else {"pooled": group}
+    group = next(iter(groups.values()))
 
     cuda = device.startswith("cuda")
     model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    step = forward_step(backbone, device, compile)
+    step = forward_step(backbone, device, compile, list(groups), view)
     decoder = DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone)) if decode == "device" else None
     side = torch.cuda.Stream() if cuda and decoder is not None else None
     # The forward pass runs on its own (non-blocking) stream, so work that a library queues on
@@ -267,14 +296,16 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
     if compute is not None:
         compute.wait_stream(torch.cuda.current_stream())
     total, done, skipped = sum(map(len, batches)), 0, []
-    writer = _ChunkWriter(group, source)
+    writers = {kind: _ChunkWriter(g, source) for kind, g in groups.items()}
     out_dtype = getattr(torch, np.dtype(group.dtype).name)
     in_flight: list[tuple[np.ndarray, np.ndarray, Any, Any, Any]] = []
 
     def finish(rows, labels, feats, logits, event) -> None:
         if event is not None:
             event.synchronize()
-        writer.add(rows, feats.numpy(), labels, logits.numpy() if logits is not None else None)
+        for kind, writer in writers.items():
+            out = logits if kind == "pooled" and logits is not None else None
+            writer.add(rows, feats[kind].numpy(), labels, out.numpy() if out is not None else None)
 
     try:
         batches_in = _loader(source, backbone, batches, workers, pin=cuda and decoder is None, decode=decode)
@@ -291,7 +322,8 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
                 feats, logits = step(x)
                 # Results come back asynchronously: the device runs this batch while the host
                 # decodes and queues the next one; a batch is written once its copy has landed.
-                feats, logits, event = _to_host(feats, out_dtype), _to_host(logits, out_dtype), None
+                feats = {k: _to_host(v, out_dtype) for k, v in feats.items()}
+                logits, event = _to_host(logits, out_dtype), None
                 if cuda:
                     event = torch.cuda.Event()
                     event.record()
@@ -309,7 +341,8 @@ def run_batches(backbone: Backbone, group: FeatureGroup, source: ImageSource, ba
         while in_flight:
             finish(*in_flight.pop(0))
     finally:
-        writer.close()
+        for writer in writers.values():
+            writer.close()
         model.to("cpu")
     return skipped
 
@@ -386,8 +419,15 @@ def extract(
     on_wait: Callable[[], None] | None = None,
     decode: str = "auto",
     compile: bool | str = False,
+    features: list[str] | None = None,
+    layers: list[int] | None = None,
+    views: str = "center",
 ) -> ExtractResult:
     """Extract one (backbone, dataset, split) into the cache; resumes and skips finished chunks.
+
+    ``features`` (kinds, default ``["pooled"]``) and ``layers`` (blocks from the end) choose
+    what is stored, one group per kind, all from one forward pass; ``views``: center, flip or
+    center+flip (averaged); see :mod:`backbench.extract.kinds`.
 
     Another process extracting the same group holds its lock: this one waits (``on_wait`` is
     told), then does only what is left. ``decode``: "workers" (PIL in the DataLoader
@@ -405,20 +445,43 @@ def extract(
         started = cache.group(model.name, dataset, split).attrs.get("preprocess", {})
         decode = "device" if "decode" in started and src.has_bytes else "workers"
     decode = resolve_decode(decode, device, src)
-    attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device))
+    kinds, view = expand(features, layers), check_view(views)
+    attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view)
     if cache.is_url and shard[0] > 0:  # no locks at URLs: shard 0 alone creates the group
         _await_group(cache, attrs, len(src), shard, on_wait)
+    dims = _kind_dims(model, kinds)
+    if chunk_rows is None and len(kinds) > 1:  # one chunking for all kinds: the widest sets it
+        chunk_rows = chunk_rows_for(max(dims.values()), np.dtype(dtype).itemsize, len(src))
+        chunk_rows = chunk_rows // batch_size * batch_size if chunk_rows >= batch_size else chunk_rows
     with locked(local_file(cache.path)):
-        group = open_or_create(cache, attrs, len(src), model.feature_dim, model.num_classes,
-                               overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size)
+        groups = {k: open_or_create(cache, {**attrs, "feature_kind": group_attrs(model, src, dataset, split, dtype,
+                                                                                 kind=k, view=view)["feature_kind"]},
+                                    len(src), dims[k], model.num_classes if k == "pooled" else 0,
+                                    overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size, kind=k)
+                  for k in kinds}
+    group = groups[kinds[0]]
     # Shards own disjoint chunks and run side by side; a whole-group run takes the group's lock
     # so a second one waits instead of redoing the same chunks (identical bytes either way:
     # every chunk write is an atomic rename of deterministic content).
     lock = local_file(cache.path, group.path, "features") if shard[1] == 1 else None
     with locked(lock, on_wait):
-        return _extract_pending(model, group, src, batch_size=batch_size, device=device, workers=workers,
+        return _extract_pending(model, groups, src, batch_size=batch_size, device=device, workers=workers,
                                 shard=shard, on_error=on_error, progress=progress, decode=decode,
-                                compile=compile)
+                                compile=compile, view=view)
+
+
+def _kind_dims(model: Backbone, kinds: list[str]) -> dict[str, int]:
+    """Width of each kind, from one forward pass of a blank image."""
+    if kinds == ["pooled"]:
+        return {"pooled": model.feature_dim}
+    import torch
+
+    from backbench.extract.kinds import kinds_forward
+
+    c, h, w = model.preprocess.input_size
+    with torch.inference_mode():
+        feats, _ = kinds_forward(model, torch.zeros(1, c, h, w), kinds)
+    return {k: int(v.shape[-1]) for k, v in feats.items()}
 
 
 SHARD_WAIT_S = 600.0  # how long shards 1..N-1 of a URL cache wait for shard 0 to create the group
@@ -431,7 +494,7 @@ def _await_group(cache: Cache, attrs: dict[str, Any], n: int, shard: tuple[int, 
     Stores at URLs have no cross-process locks, so shards that all created the group at once
     would replace one another's chunks; only shard 0 creates it, the others open it.
     """
-    key = (attrs["backbone"], attrs["dataset"], attrs["split"])
+    key = group_key(attrs)
     deadline, told = time.monotonic() + timeout, False
     while True:
         if key in cache:
@@ -449,30 +512,35 @@ def _await_group(cache: Cache, attrs: dict[str, Any], n: int, shard: tuple[int, 
         time.sleep(0.5)
 
 
-def _extract_pending(model: Backbone, group: FeatureGroup, src: ImageSource, *, batch_size: int, device: str,
-                     workers: int | None, shard: tuple[int, int], on_error: str,
-                     progress: Progress | None, decode: str, compile: bool | str) -> ExtractResult:
-    batches = plan_batches(group, batch_size, shard)
+def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: ImageSource, *, batch_size: int,
+                     device: str, workers: int | None, shard: tuple[int, int], on_error: str,
+                     progress: Progress | None, decode: str, compile: bool | str, view: str = "center") -> ExtractResult:
+    group = next(iter(groups.values()))
+    if len({g.chunk_rows for g in groups.values()}) > 1:
+        raise CacheMismatch(f"the feature kinds of {group.path} were stored with different chunkings; "
+                            f"extract them again with --overwrite")
+    batches = plan_batches(list(groups.values()), batch_size, shard)
     dataset, split = group.attrs["dataset"], group.attrs["split"]
     result = ExtractResult(model.name, dataset, split, len(src), "up-to-date", group=group.path)
     if not batches:
-        if not group.attrs.get("complete") and group.is_complete:
-            group.finalize()
+        for g in groups.values():
+            if not g.attrs.get("complete") and g.is_complete:
+                g.finalize()
         return result
     device = resolve_device(device)
     started = time.perf_counter()
-    skipped = run_batches(model, group, src, batches, device=device,
+    skipped = run_batches(model, groups, src, batches, device=device,
                           workers=os.cpu_count() or 1 if workers is None else workers,
-                          on_error=on_error, progress=progress, decode=decode, compile=compile)
+                          on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)
     seconds = time.perf_counter() - started
     result.rows_written = sum(map(len, batches))
     result.seconds, result.images_per_s = seconds, result.rows_written / max(seconds, 1e-9)
     result.skipped = skipped
     fresh = {s["id"] for s in skipped}
-    previous = [s for s in group.attrs.get("skipped", []) if s["id"] not in fresh]
-    group.finalize({"skipped": previous + skipped,
+    for g in groups.values():
+        previous = [s for s in g.attrs.get("skipped", []) if s["id"] not in fresh]
+        g.finalize({"skipped": previous + skipped,
                     "extraction": {"device": device, "batch_size": batch_size, "decode": decode,
-                                   "compile": compile,
-                                   "images_per_s": round(result.images_per_s, 2)}})
-    result.status = "extracted" if group.is_complete else "partial"
+                                   "compile": compile, "images_per_s": round(result.images_per_s, 2)}})
+    result.status = "extracted" if all(g.is_complete for g in groups.values()) else "partial"
     return result

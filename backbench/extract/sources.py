@@ -1,12 +1,18 @@
-"""Backbone sources: ``timm:`` and ``open_clip:``. timm and open_clip are imported lazily."""
+"""Backbone sources: ``timm:``, ``open_clip:``, ``torchvision:`` and ``hf:`` (transformers).
+
+The libraries are imported lazily, when a name of theirs is resolved or loaded.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from backbench.errors import WeightsError
+from backbench.errors import BackboneNotFound, WeightsError
 from backbench.extract.backbones import (
     LOCAL,
     RANDOM,
@@ -165,3 +171,397 @@ def load_open_clip(spec: BackboneSpec) -> Backbone:
         crop_pct=1.0,
     )
     return Backbone(spec, visual, pre, _clip_forward, False, note)
+
+
+
+def _crop_pct(crop: int, resize: int) -> float:
+    """``crop / resize``, nudged down when float rounding would make ``floor(crop / pct)`` miss ``resize``."""
+    pct = min(crop / resize, 1.0)
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# -------------------------------------------------------------------- torchvision
+
+
+@lru_cache(maxsize=1)
+def _tv_ids() -> list[str]:
+    """torchvision's image classifiers: the models that are backbones (not detection, video...)."""
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+@lru_cache(maxsize=1)
+def _tv_all() -> frozenset[str]:
+    import torchvision.models as tvm
+
+    return frozenset(tvm.list_models())
+
+
+def _tv_tags(ident: str) -> list[str]:
+    import torchvision.models as tvm
+
+    if ident not in _tv_all():
+        return []
+    return list(tvm.get_model_weights(ident).__members__)
+
+
+def _tv_on_machine() -> list[tuple[str, str]]:
+    """Classifiers whose weights files are already in the torch hub cache (torch and
+    torchvision are imported only when that folder holds files)."""
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        hub = Path(sys.modules["torch"].hub.get_dir())
+    else:  # torch.hub.get_dir() without importing torch
+        home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+        hub = Path(home).expanduser() / "hub"
+    folder = hub / "checkpoints"
+    have = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if not have:
+        return []
+    import torchvision.models as tvm
+
+    out = []
+    for ident in _tv_ids():
+        enum = tvm.get_model_weights(ident)
+        default = enum.DEFAULT
+        for tag, weights in enum.__members__.items():
+            if tag == "DEFAULT" or weights.url.rsplit("/", 1)[-1] not in have:
+                continue
+            name = f"torchvision:{ident}" if weights is default else f"torchvision:{ident}@{tag}"
+            out.append((name, f"torch hub cache ({weights})"))
+    return out
+
+
+_TV_AUX = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _tv_head(model) -> str:
+    """The qualified name of the classifier: the last ``nn.Linear`` (else the last ``nn.Conv2d``,
+    as in SqueezeNet, whose classifier is a 1x1 convolution)."""
+    import torch.nn as nn
+
+    for kind in (nn.Linear, nn.Conv2d):
+        names = [name for name, mod in model.named_modules() if isinstance(mod, kind) and name]
+        if names:
+            return names[-1]
+    raise BackboneNotFound(f"{type(model).__name__} has no nn.Linear or nn.Conv2d classifier to take features from")
+
+
+def _tv_forward(model, x):
+    """Features: the input of the classifier (globally average-pooled if it is a map); logits:
+    the model's output. The hook lives for one call, so the model keeps no state of ours."""
+    seen = []
+    hook = model.get_submodule(model._backbench_head).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        out = model(x)
+    finally:
+        hook.remove()
+    feats = seen[-1]
+    if feats.ndim > 2:
+        feats = feats.mean(dim=tuple(range(2, feats.ndim)))
+    return feats, (out if model._backbench_logits else None)
+
+
+def _tv_preprocess(weights) -> Preprocess:
+    """From the weights' transforms preset (crop, resize, interpolation, mean, std); building
+    the preset downloads nothing. ImageNet 224/256 bilinear if it cannot be had."""
+    try:
+        t = weights.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        interp = getattr(t.interpolation, "value", str(t.interpolation))
+        mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    except Exception:
+        crop, resize, interp, mean, std = 224, 256, "bilinear", _IMAGENET_MEAN, _IMAGENET_STD
+    return Preprocess(input_size=(3, crop, crop), mean=mean, std=std, interpolation=interp,
+                      crop_pct=_crop_pct(crop, resize))
+
+
+@register_source("torchvision", list_ids=lambda: _tv_ids(), validate=lambda ident: ident in _tv_all(),
+                 on_machine=_tv_on_machine, weight_tags=_tv_tags,
+                 catalog_note="download from download.pytorch.org; or @random / @PATH / @TAG (e.g. @IMAGENET1K_V2)")
+def load_torchvision(spec: BackboneSpec) -> Backbone:
+    import torchvision.models as tvm
+
+    if spec.id not in _tv_ids():
+        raise BackboneNotFound(
+            f"torchvision:{spec.id} is not an image classifier (detection, segmentation, video, optical-flow and "
+            f"quantized models are not backbones); see `backbench models --source torchvision`"
+        )
+    enum = tvm.get_model_weights(spec.id)
+    if spec.weights == LOCAL:
+        raise WeightsError(f"torchvision has no @local weights: torchvision:{spec.id} reads the torch hub cache "
+                           f"when the file is there (see `backbench models --source torchvision`), or give @PATH")
+    tags = enum.__members__
+    if spec.weights is None or spec.weights in tags:
+        weights = tags[spec.weights or "DEFAULT"]
+        try:
+            model = tvm.get_model(spec.id, weights=weights)
+        except Exception as exc:
+            raise WeightsError(
+                f"cannot get torchvision weights {weights} ({type(exc).__name__}); offline? use "
+                f"torchvision:{spec.id}@random, torchvision:{spec.id}@PATH, or a name from `backbench models`"
+            ) from exc
+        has_logits, note = True, f"torchvision weights {weights}"
+    else:
+        weights, path = enum.DEFAULT, spec.weights_path
+        sd = read_state_dict(path) if path is not None else {}
+        kw = {}
+        if spec.id in _TV_AUX:  # GoogLeNet, Inception v3: auxiliary heads only when the file has them;
+            kw = {"init_weights": True, "aux_logits": any(k.startswith(_TV_AUX[spec.id]) for k in sd)}
+            if path is not None:  # and the input transform torchvision's own weights for them expect
+                kw["transform_input"] = True
+        _seeded()
+        model = tvm.get_model(spec.id, weights=None, **kw)
+        has_logits, note = False, "random init (torch seed 0)"
+        if path is not None:
+            head_w = sd.get(_tv_head(model) + ".weight")
+            if head_w is not None and head_w.shape[0] != model.get_submodule(_tv_head(model)).weight.shape[0]:
+                _seeded()  # a fine-tuned head: build the architecture with that many classes
+                model = tvm.get_model(spec.id, weights=None, num_classes=int(head_w.shape[0]), **kw)
+            head = _tv_head(model)
+            head_keys = {k for k in model.state_dict() if k.startswith(head + ".")}
+            has_logits, how = apply_state_dict(model, sd, head_keys)
+            note = f"{path}: {how}"
+    model._backbench_head = _tv_head(model)
+    model._backbench_logits = has_logits
+    return Backbone(spec, model, _tv_preprocess(weights), _tv_forward, has_logits, note)
+
+
+# ---------------------------------------------------------------------- hf (transformers)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _hf_cached() -> list[str]:
+    """Hub repos in the local Hugging Face cache that hold a transformers ``config.json``
+    (``timm/`` repos are listed as ``timm:`` names instead)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = scan_cache_dir().repos
+    except Exception:
+        return []
+    return sorted(
+        r.repo_id for r in repos
+        if r.repo_type == "model" and not r.repo_id.startswith("timm/")
+        and any(f.file_name == "config.json" for rev in r.revisions for f in rev.files)
+    )
+
+
+def _hf_is_dir(ident: str) -> bool:
+    return Path(ident).expanduser().is_dir()
+
+
+def _hf_valid(ident: str) -> bool:
+    if ident.startswith(("/", ".", "~")) or "\\" in ident:
+        return _hf_is_dir(ident)
+    return _hf_is_dir(ident) or bool(_HUB_ID.match(ident))
+
+
+@lru_cache(maxsize=1)
+def _hf_tower_class():
+    """:class:`HFImageTower`, made on first use so that importing this module needs no torch."""
+    import torch.nn as nn
+
+    class HFImageTower(nn.Module):
+        """A transformers model whose ``forward(x)`` is the image embedding.
+
+        ``pool``: ``pooler`` (``pooler_output``, flattened), ``cls`` (``last_hidden_state[:, 0]``)
+        or ``mean`` (the mean of the final feature map or tokens). Models with a text tower
+        (CLIP, SigLIP) keep only ``vision_model`` and ``visual_projection``: their
+        ``get_image_features``.
+        """
+
+        def __init__(self, base: Any, pool: str) -> None:
+            super().__init__()
+            towered = hasattr(base, "get_image_features") and hasattr(base, "vision_model")
+            self.vision = base.vision_model if towered else base
+            self.proj = getattr(base, "visual_projection", None) if towered else None
+            self.pool = pool
+
+        def forward(self, x):
+            out = self.vision(pixel_values=x, return_dict=True)
+            pooled = getattr(out, "pooler_output", None)
+            if self.proj is not None:
+                return self.proj(pooled)
+            if self.pool == "pooler" and pooled is not None:
+                return pooled.flatten(1)
+            hidden = out.last_hidden_state
+            if hidden.ndim == 3:
+                return hidden[:, 0] if self.pool in ("pooler", "cls") else hidden.mean(dim=1)
+            return hidden.mean(dim=tuple(range(2, hidden.ndim)))
+
+    HFImageTower.__module__, HFImageTower.__qualname__ = __name__, "HFImageTower"
+    globals()["HFImageTower"] = HFImageTower  # picklable by reference once made
+    return HFImageTower
+
+
+def _hf_forward(model, x):
+    return model(x), None
+
+
+def _hf_get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _hf_size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[-1])
+    h, w = _hf_get(value, "height"), _hf_get(value, "width")
+    if h and w:
+        return int(h), int(w)
+    s = _hf_get(value, "shortest_edge")
+    return (int(s), int(s)) if s else None
+
+
+def _hf_interpolation(resample: Any) -> str:
+    value = getattr(resample, "value", resample)
+    if isinstance(value, str):
+        return value.lower()
+    return _PIL_RESAMPLE.get(int(value), "bicubic") if value is not None else "bicubic"
+
+
+def _hf_config_size(config: Any) -> tuple[int, int]:
+    size = _hf_get(config, "image_size") or _hf_get(_hf_get(config, "vision_config"), "image_size") or 224
+    return _hf_size(size) or (224, 224)
+
+
+def _hf_preprocess(processor: Any, config: Any) -> tuple[Preprocess, str]:
+    """The image processor's resize/crop/normalization as a :class:`Preprocess`; without a
+    processor, ImageNet defaults at the config's ``image_size``. Returns it and a note."""
+    if processor is None:
+        h, w = _hf_config_size(config)
+        return Preprocess((3, h, w), _IMAGENET_MEAN, _IMAGENET_STD, "bicubic", 0.875), \
+            "no image processor saved: ImageNet preprocessing at the config's image_size"
+    size = _hf_get(processor, "size")
+    crop = _hf_size(_hf_get(processor, "crop_size")) if _hf_get(processor, "do_center_crop") else None
+    shortest = _hf_get(size, "shortest_edge")
+    resize = _hf_size(size)
+    if crop is not None:
+        input_hw = crop
+        crop_pct = _crop_pct(min(crop), min(resize)) if resize else 1.0
+    elif resize is not None:
+        input_hw = resize
+        pct = _hf_get(processor, "crop_pct")  # ConvNeXt: resize to shortest_edge / crop_pct, crop shortest_edge
+        crop_pct = float(pct) if shortest and pct and int(shortest) < 384 else 1.0
+    else:
+        input_hw, crop_pct = _hf_config_size(config), 1.0
+    if _hf_get(processor, "do_normalize") is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean = tuple(float(v) for v in (_hf_get(processor, "image_mean") or _IMAGENET_MEAN))
+        std = tuple(float(v) for v in (_hf_get(processor, "image_std") or _IMAGENET_STD))
+    interp = _hf_interpolation(_hf_get(processor, "resample"))
+    return Preprocess((3, *input_hw), mean, std, interp, crop_pct), f"{type(processor).__name__}"
+
+
+def _hf_quiet():
+    """Silence transformers' progress bars and info logging while loading (restored after)."""
+    from contextlib import contextmanager
+
+    from transformers.utils import logging as hf_logging
+
+    @contextmanager
+    def quiet():
+        bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
+def _strip_prefix(sd: dict[str, Any], model: Any) -> dict[str, Any]:
+    """A state dict saved from a task model (``vit.*`` + ``classifier.*``) -> the base model's keys."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    own = model.state_dict()
+    if prefix != "." and not any(k in own for k in sd) and any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+@register_source(
+    "hf", list_ids=_hf_cached, validate=_hf_valid,
+    on_machine=lambda: [(f"hf:{repo}", "Hugging Face hub cache") for repo in _hf_cached()],
+    catalog_note="Hugging Face hub cache",
+    about="hf: takes any transformers vision model: a hub id (hf:facebook/dinov2-small, needs the network once) "
+          "or a save_pretrained directory (hf:/path/to/dir), with @random or @PATH. Listing the hub needs the "
+          "network, so only repos already in the local Hugging Face cache are shown.",
+)
+def load_hf(spec: BackboneSpec) -> Backbone:
+    import inspect
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    repo = str(Path(spec.id).expanduser()) if _hf_is_dir(spec.id) else spec.id
+    where = f"directory {repo}" if _hf_is_dir(spec.id) else f"hub repo {repo}"
+    if spec.weights == LOCAL:
+        raise WeightsError(f"hf: has no @local weights; a hub repo in the local cache loads as hf:{spec.id}, "
+                           f"a directory as hf:/path/to/dir")
+    with _hf_quiet():
+        try:
+            config = AutoConfig.from_pretrained(repo)
+        except Exception as exc:
+            raise WeightsError(
+                f"cannot read a transformers config from {where} ({type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0][:160]}); offline? a hub id needs the network once, "
+                f"or give hf:/path/to/a/save_pretrained/dir"
+            ) from exc
+        pool = "pooler"
+        try:
+            if spec.weights is None:
+                base, info = AutoModel.from_pretrained(repo, output_loading_info=True)
+                missing = list(info.get("missing_keys", []))
+                commit = getattr(config, "_commit_hash", None)
+                note = f"pretrained weights from {where} via transformers"
+                note += f" (commit {commit[:12]})" if commit else ""
+            else:
+                _seeded()
+                base = AutoModel.from_config(config)
+                missing, note = [], "random init (torch seed 0)"
+        except Exception as exc:
+            raise WeightsError(f"cannot build a transformers model from {where} ({type(exc).__name__}: "
+                               f"{(str(exc).splitlines() or [''])[0][:160]})") from exc
+        path = spec.weights_path
+        if path is not None:
+            pooler_keys = {k for k in base.state_dict() if k.startswith("pooler.")}
+            with_pooler, how = apply_state_dict(base, _strip_prefix(read_state_dict(path), base), pooler_keys)
+            missing = [] if with_pooler else sorted(pooler_keys)
+            note = f"{path}: {how}"
+        if any(k.startswith("pooler.") or ".pooler." in k for k in missing):
+            pool = "cls"  # the pooler was not in the weights (e.g. DINO ViTs): never use an untrained layer
+            note += "; no pooler weights, features are the CLS token"
+        target = base.vision_model if hasattr(base, "get_image_features") and hasattr(base, "vision_model") else base
+        if "pixel_values" not in inspect.signature(target.forward).parameters:
+            raise BackboneNotFound(f"hf:{spec.id} is a {type(base).__name__}, not a vision model "
+                                   f"(its forward takes no pixel_values)")
+        try:
+            processor = AutoImageProcessor.from_pretrained(repo)
+        except Exception:
+            processor = None
+    pre, how = _hf_preprocess(processor, config)
+    if processor is None:
+        note += f"; {how}"
+    return Backbone(spec, _hf_tower_class()(base, pool), pre, _hf_forward, False, note)

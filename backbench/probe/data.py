@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -22,9 +25,12 @@ class Split:
     group: FeatureGroup
     name: str
     logits: np.ndarray | None = None
+    joined: tuple[str, ...] = ()  # cache keys of the groups concatenated into X, if several
 
     @property
     def key(self) -> str:
+        if self.joined:
+            return hashlib.sha256("+".join(self.joined).encode()).hexdigest()
         return self.group.attrs["cache_key"]
 
     @property
@@ -32,18 +38,56 @@ class Split:
         return f"{self.group.attrs['dataset']}/{self.name}"
 
 
+_FEATURES: contextvars.ContextVar[str] = contextvars.ContextVar("backbench_features", default="pooled")
+
+
+def current_features() -> str:
+    """The feature kind(s) probes read: ``pooled`` unless :func:`use_features` (``--features``) says."""
+    return _FEATURES.get()
+
+
+@contextlib.contextmanager
+def use_features(spec: str | None) -> Iterator[None]:
+    """Within the block, probes read feature kind ``spec`` (``cls``, ``layer-4:cls``, ``last4:cls``,
+    or ``K1,K2`` concatenated); see :mod:`backbench.extract.kinds`."""
+    from backbench.extract.kinds import probe_kinds
+
+    probe_kinds(spec)  # validates
+    token = _FEATURES.set(spec or "pooled")
+    try:
+        yield
+    finally:
+        _FEATURES.reset(token)
+
+
 def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complete_only: bool = False,
-               logits: bool = False, features: bool = True, memory_limit: int | None = None) -> Split:
+               logits: bool = False, features: bool = True, memory_limit: int | None = None,
+               kind: str | None = None) -> Split:
     """Read a group as float32; skipped samples (label -1) are dropped; NaN/inf is refused.
+
+    ``kind``: the feature kind(s) (default :func:`current_features`); several, comma-separated,
+    are concatenated column-wise (in memory), as DINOv2 concatenates its last blocks.
 
     ``features=False`` reads labels only (X is an empty placeholder) for callers that stream.
     When the float32 features would take more than ``memory_limit`` bytes, ``X`` is a lazy
     :class:`~backbench.probe.stream.GroupRows` read chunk by chunk (NaN/inf refused as read).
     """
+    from backbench.extract.kinds import probe_kinds
     from backbench.probe.stream import GroupRows
     from backbench.probe.stream import memory_limit as current_limit
 
-    group = cache.group(backbone, dataset, split)
+    kinds = probe_kinds(kind or current_features())
+    if len(kinds) > 1:
+        parts = [load_split(cache, backbone, dataset, split, complete_only=complete_only, logits=logits,
+                            features=features, memory_limit=1 << 62, kind=k) for k in kinds]
+        for p in parts[1:]:
+            if not np.array_equal(p.y, parts[0].y):
+                raise ProbeInputError(f"the feature kinds {kinds} of {dataset}/{split} cover different rows; "
+                                      f"extract them together")
+        X = np.hstack([p.X for p in parts]) if features else parts[0].X
+        return Split(X, parts[0].y, parts[0].classes, parts[0].group, split, parts[0].logits,
+                     tuple(p.key for p in parts))
+    group = cache.group(backbone, dataset, split, kinds[0])
     y = group.labels(complete_only=complete_only)
     if not features:
         return Split(np.zeros((len(y), 0), np.float32), y, list(group.attrs["classes"]), group, split)

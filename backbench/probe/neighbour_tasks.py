@@ -72,7 +72,11 @@ def run_retrieval(cache: Cache, backbone: str, dataset: str, query: str, gallery
     ks = sorted({int(k) for k in ks})
     q = load_split(cache, backbone, dataset, query, complete_only=complete_only)
     same = query == gallery
-    stream = not same and not fits_in_memory(cache.group(backbone, dataset, gallery))
+    from backbench.extract.kinds import probe_kinds
+    from backbench.probe.data import current_features
+
+    kinds = probe_kinds(current_features())
+    stream = not same and len(kinds) == 1 and not fits_in_memory(cache.group(backbone, dataset, gallery, kinds[0]))
     g = q if same else load_split(cache, backbone, dataset, gallery, complete_only=complete_only,
                                   memory_limit=0 if stream else None)
     check_same_backbone(q, g)

@@ -26,8 +26,12 @@ def load_pair(cache: Cache, backbone: str, dataset: str, train: str, evals: Sequ
     """
     from backbench.probe.stream import memory_limit
 
-    need = sum(cache.group(backbone, dataset, s).n * cache.group(backbone, dataset, s).dim * 4
-               for s in [train, *evals])
+    from backbench.extract.kinds import probe_kinds
+    from backbench.probe.data import current_features
+
+    sizes = [(g.n, g.dim) for s in [train, *evals] for g in
+             (cache.group(backbone, dataset, s, k) for k in probe_kinds(current_features()))]
+    need = sum(n * d * 4 for n, d in sizes)
     limit = 0 if need > memory_limit() else need
     tr = load_split(cache, backbone, dataset, train, complete_only=complete_only, memory_limit=limit)
     others = [load_split(cache, backbone, dataset, s, complete_only=complete_only, memory_limit=limit)
@@ -40,6 +44,10 @@ def load_pair(cache: Cache, backbone: str, dataset: str, train: str, evals: Sequ
 
 def base_request(task: str, backbone: str, dataset: str, splits: dict[str, str | None],
                  groups: Sequence[Split], params: dict[str, Any], seed: int) -> Record:
+    from backbench.probe.data import current_features
+
+    kind = current_features()  # other feature kinds rank as their own rows: "NAME#cls"
+    backbone = backbone if kind == "pooled" else f"{backbone}#{kind}"
     return {"task": task, "backbone": backbone, "dataset": dataset, "splits": splits, "params": params,
             "seed": seed, "groups": {s.name: s.key for s in groups}}
 

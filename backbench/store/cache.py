@@ -177,21 +177,32 @@ class Cache:
         if self.scheme in READ_ONLY_SCHEMES:
             raise CacheError(self._read_only_message(action))
 
-    def group_path(self, backbone: str, dataset: str, split: str) -> str:
-        return f"{backbone_slug(backbone)}/{check_name('dataset', dataset)}/{check_name('split', split)}"
+    def group_path(self, backbone: str, dataset: str, split: str, kind: str = "pooled") -> str:
+        """``<backbone-slug>/<dataset>/<split>``; other feature kinds than pooled in ``<split>~<kind>``."""
+        path = f"{backbone_slug(backbone)}/{check_name('dataset', dataset)}/{check_name('split', split)}"
+        if kind and kind != "pooled":
+            from backbench.extract.kinds import split_name
 
-    def __contains__(self, key: tuple[str, str, str]) -> bool:
+            path = f"{path}{split_name('x', kind)[1:]}"
+        return path
+
+    def __contains__(self, key: tuple[str, ...]) -> bool:
         try:
             self.root[self.group_path(*key)]
         except KeyError:
             return False
         return True
 
-    def group(self, backbone: str, dataset: str, split: str) -> FeatureGroup:
+    def group(self, backbone: str, dataset: str, split: str, kind: str = "pooled") -> FeatureGroup:
         """Open an existing group; unknown keys list what the cache holds."""
         try:
-            node = self.root[self.group_path(backbone, dataset, split)]
+            node = self.root[self.group_path(backbone, dataset, split, kind)]
         except KeyError:
+            if kind != "pooled" and (backbone, dataset, split) in self:
+                raise GroupNotFound(f"cache {self.path!r} has no {kind!r} features of {dataset}/{split} for "
+                                    f"{backbone}; extract them with --features {kind.split(':')[-1]}"
+                                    + (f" --layers -{kind.split(':')[0][6:]}" if kind.startswith("layer-") else "")
+                                    ) from None
             raise GroupNotFound(self._missing_message(backbone, dataset, split)) from None
         return FeatureGroup(node)
 
@@ -206,10 +217,10 @@ class Cache:
             f"or see `backbench ls`"
         )
 
-    def create_group(self, backbone: str, dataset: str, split: str, **spec: Any) -> FeatureGroup:
+    def create_group(self, backbone: str, dataset: str, split: str, kind: str = "pooled", **spec: Any) -> FeatureGroup:
         """Create (or replace) a group with its arrays and provenance; see :meth:`FeatureGroup.create`."""
         self.require_writable("extract")
-        path = self.group_path(backbone, dataset, split)
+        path = self.group_path(backbone, dataset, split, kind)
         group = FeatureGroup.create(self.root, path, **spec)
         self._add_to_index(path)
         return group

@@ -13,7 +13,7 @@ import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch
 from backbench.store.cache import Cache
-from backbench.store.group import _as_crc, cache_key, chunk_rows_for
+from backbench.store.group import _as_crc, cache_key, chunk_rows_for, group_key
 
 
 JSON_ATTRS = "backbench_json_attrs"  # on each exported group: the attributes stored as JSON text
@@ -110,7 +110,7 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
         targets = []
         for spec, rows in jobs:
             a = spec["attrs"]
-            key = (a["backbone"], a["dataset"], a["split"])
+            key = group_key(a)
             have = cache.group(*key) if key in cache else None
             if have is not None:
                 if have.attrs.get("cache_key") != cache_key(a):

@@ -339,8 +339,8 @@ class FeatureGroup:
 
     def summary(self) -> dict[str, Any]:
         a = self.attrs
-        return {"backbone": a["backbone"], "dataset": a["dataset"], "split": a["split"], "n": a["n"],
-                "dim": a["dim"], "dtype": a["dtype"], "rows_done": self.rows_done(),
+        return {"backbone": a["backbone"], "dataset": a["dataset"], "split": a["split"],
+                "features": a.get("feature_kind", "pooled"), "n": a["n"], "dim": a["dim"], "dtype": a["dtype"], "rows_done": self.rows_done(),
                 "complete": self.is_complete, "logits": self.has_logits, "path": self.path}
 
 
@@ -354,6 +354,13 @@ def _create_arrays(node, arrays: dict[str, dict[str, Any]]) -> None:
         await asyncio.gather(*(node._async_group.create_array(name, **spec) for name, spec in arrays.items()))
 
     sync(create_all())
+
+
+def group_key(attrs: dict[str, Any]) -> tuple[str, str, str, str]:
+    """``(backbone, dataset, split, kind)`` of a group's attributes: where it lives in a cache
+    (the kind without its view: ``cls@flip`` lives where ``cls`` does)."""
+    kind = str(attrs.get("feature_kind") or "pooled").split("@")[0]
+    return attrs["backbone"], attrs["dataset"], attrs["split"], kind
 
 
 def cache_key(attrs: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch
 from backbench.store.cache import RESULTS, Cache
-from backbench.store.group import FeatureGroup, _read_rows, chunk_checksum
+from backbench.store.group import FeatureGroup, _read_rows, chunk_checksum, group_key
 from backbench.store.lock import local_file, locked
 from backbench.store.share import _results
 
@@ -147,11 +147,11 @@ def conflict(path: str, a: str, b: str, what: str = "made with different weights
 def create_like(target: Cache, like: FeatureGroup) -> FeatureGroup:
     """An empty group in ``target`` with the arrays, chunking and attributes of ``like``."""
     a = like.attrs
-    if target.group_path(a["backbone"], a["dataset"], a["split"]) != like.path:
+    if target.group_path(*group_key(a)) != like.path:
         raise CacheError(f"{like.path}: its attributes name another group "
                          f"({a['backbone']} {a['dataset']}/{a['split']}); it cannot be copied by name")
     with locked(local_file(target.path)):  # Cache.create_group: FeatureGroup.create, plus the root's index
-        group = target.create_group(a["backbone"], a["dataset"], a["split"], n=like.n, dim=like.dim,
+        group = target.create_group(*group_key(a), n=like.n, dim=like.dim,
                                     num_classes=like.array("logits").shape[1] if like.has_logits else 0,
                                     dtype=like.dtype, chunk_rows=like.chunk_rows, attrs=a)
     if group.attrs["cache_key"] != a.get("cache_key", group.attrs["cache_key"]):

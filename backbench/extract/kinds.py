@@ -1,0 +1,146 @@
+"""Kinds of features beyond the pooled embedding, and test-time views.
+
+A kind is ``[layer-N:]BASE`` with BASE one of
+
+* ``pooled`` — the backbone's own embedding (its pre-logits): the default;
+* ``cls`` — the class token after the final norm (ViTs);
+* ``mean-patch`` — the mean of the patch tokens (ViTs) or of the final feature map (CNNs);
+* ``cls+mean-patch`` — both, concatenated: DINOv2's linear-probe input;
+
+and ``layer-N:`` taking BASE from the N-th block from the end (``layer-1`` is the last)
+through timm's ``forward_intermediates`` (final norm applied, as DINOv2 does). Each kind is
+stored as its own feature matrix: the group of ``SPLIT`` for ``pooled``, a sibling group
+``SPLIT~KIND`` for the others, with its own checksums and provenance (``feature_kind``), so
+merge, pack, verify and export treat it like any group. Probes pick one with ``--features
+KIND``, or a concatenation with ``--features K1,K2`` (``lastN:BASE`` is
+``layer-1:BASE,...,layer-N:BASE``, DINOv2's concatenation of the last blocks).
+
+Views: ``center`` (the default), ``flip`` (the mirrored image), or ``center+flip`` (the
+features of both, averaged).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from backbench.errors import BackbenchError
+
+BASES = ("pooled", "cls", "mean-patch", "cls+mean-patch")
+VIEWS = ("center", "flip", "center+flip")
+_KIND = re.compile(r"^(?:layer-(\d+):)?(pooled|cls|mean-patch|cls\+mean-patch)$")
+
+
+def parse_kind(kind: str) -> tuple[int | None, str]:
+    """``"layer-4:cls"`` -> ``(4, "cls")``; ``"pooled"`` -> ``(None, "pooled")``."""
+    m = _KIND.match(kind or "")
+    if not m or (m.group(1) and m.group(2) == "pooled") or (m.group(1) and int(m.group(1)) < 1):
+        raise BackbenchError(f"feature kind {kind!r}: use pooled, cls, mean-patch, cls+mean-patch, or "
+                             f"layer-N:cls / layer-N:mean-patch (N >= 1 blocks from the end)")
+    return (int(m.group(1)) if m.group(1) else None), m.group(2)
+
+
+def expand(features: list[str] | None, layers: list[int] | None) -> list[str]:
+    """The kinds to extract: ``features`` (default pooled) plus each non-pooled base at every
+    layer in ``layers`` (``-4`` or ``4``: the 4th block from the end)."""
+    kinds = list(dict.fromkeys(features or ["pooled"]))
+    for k in kinds:
+        parse_kind(k)
+    bases = [k for k in kinds if parse_kind(k)[0] is None and k != "pooled"] or ["cls"]
+    for layer in layers or []:
+        if int(layer) == 0:
+            raise BackbenchError("--layers counts blocks from the end: -1 is the last block, -4 the fourth last")
+        kinds += [f"layer-{abs(int(layer))}:{b}" for b in bases]
+    return list(dict.fromkeys(kinds))
+
+
+def split_name(split: str, kind: str) -> str:
+    """The cache split that holds ``kind``: ``test`` for pooled, ``test~layer-4.cls`` otherwise."""
+    parse_kind(kind)
+    return split if kind == "pooled" else f"{split}~{kind.replace(':', '.')}"
+
+
+def probe_kinds(spec: str | None) -> list[str]:
+    """``--features`` of a probe -> the kinds whose features are concatenated (``lastN:BASE`` expands)."""
+    out: list[str] = []
+    for part in (spec or "pooled").split(","):
+        part = part.strip()
+        m = re.match(r"^last(\d+):(.+)$", part)
+        out += [f"layer-{i}:{m.group(2)}" for i in range(1, int(m.group(1)) + 1)] if m else [part]
+    for k in out:
+        parse_kind(k)
+    return out
+
+
+def check_view(view: str) -> str:
+    if view not in VIEWS:
+        raise BackbenchError(f"--views {view!r}: use center, flip or center+flip")
+    return view
+
+
+def _tokens_to(base: str, tokens, prefix: int, what: str):
+    """cls / mean-patch / both from ViT tokens (B, N, D) with ``prefix`` leading tokens."""
+    import torch
+
+    if tokens.ndim == 4:  # a CNN feature map (B, C, H, W): no class token
+        if "cls" in base:
+            raise BackbenchError(f"feature kind {base!r} needs a class token; {what} is a CNN: use mean-patch")
+        return tokens.mean((2, 3))
+    if "cls" in base and prefix < 1:
+        raise BackbenchError(f"feature kind {base!r} needs a class token; {what} has none: use mean-patch")
+    cls, mean = tokens[:, 0], tokens[:, prefix:].mean(1)
+    return {"cls": cls, "mean-patch": mean, "cls+mean-patch": torch.cat([cls, mean], 1)}[base]
+
+
+def kinds_forward(backbone: Any, x, kinds: list[str]) -> tuple[dict[str, Any], Any]:
+    """``({kind: (B, D_kind) features}, logits or None)`` for one normalized batch."""
+    out: dict[str, Any] = {}
+    logits = None
+    if "pooled" in kinds:
+        out["pooled"], logits = backbone.forward(x)
+    rest = [k for k in kinds if k != "pooled"]
+    if not rest:
+        return out, logits
+    model = backbone.model
+    if not hasattr(model, "forward_features"):
+        raise BackbenchError(f"feature kinds other than pooled need a timm backbone; {backbone.name} is not one")
+    prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
+    finals = [k for k in rest if parse_kind(k)[0] is None]
+    if finals:
+        tokens = model.forward_features(x)
+        for k in finals:
+            out[k] = _tokens_to(k, tokens, prefix, backbone.name)
+    layered = sorted({parse_kind(k)[0] for k in rest if parse_kind(k)[0] is not None})
+    if layered:
+        out.update(_layers(model, x, layered, [k for k in rest if parse_kind(k)[0] is not None], prefix,
+                           backbone.name))
+    return out, logits
+
+
+def _layers(model, x, layers: list[int], kinds: list[str], prefix: int, what: str) -> dict[str, Any]:
+    """Intermediate blocks through timm's ``forward_intermediates`` (final norm applied)."""
+    import torch
+
+    if not hasattr(model, "forward_intermediates"):
+        raise BackbenchError(f"--layers needs timm's forward_intermediates; {what} does not have it")
+    n_blocks = len(getattr(model, "blocks", getattr(model, "stages", [])) or [])
+    if n_blocks and max(layers) > n_blocks:
+        raise BackbenchError(f"{what} has {n_blocks} blocks; --layers goes down to -{n_blocks}")
+    take = sorted(layers, reverse=True)  # timm returns blocks in forward order: earliest first
+    indices = [-n for n in take]
+    try:
+        got = model.forward_intermediates(x, indices=indices, norm=True, intermediates_only=True,
+                                          **({"return_prefix_tokens": True} if prefix else {}))
+    except TypeError:  # models without the norm / prefix options
+        got = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    out = {}
+    for n, item in zip(take, got):
+        if isinstance(item, tuple):  # ViT: (spatial NCHW, prefix tokens)
+            spatial, pre = item
+            tokens = torch.cat([pre, spatial.flatten(2).transpose(1, 2)], 1)
+        else:
+            tokens = item
+        for k in kinds:
+            if parse_kind(k)[0] == n:
+                out[k] = _tokens_to(parse_kind(k)[1], tokens, prefix if isinstance(item, tuple) else 0, what)
+    return out
