@@ -99,7 +99,7 @@ def _register_commands() -> None:
     from backbench.cli import battle_cmds, cache_cmds, ood_cmds, probe_cmds  # noqa: F401
 
 
-MULTI_VALUE = {"--shots", "-k", "--ks", "--C", "--ood", "--scores", "--shifted", "--layers", "--features"}
+MULTI_VALUE = {"--shots", "-k", "--ks", "--C", "--ood", "--scores", "--shifted", "--layers", "--features", "--labels"}
 _NEGATIVE = re.compile(r"^-\d+$")  # --layers -1 -4: negative numbers are values, not options
 
 

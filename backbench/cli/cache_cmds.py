@@ -103,6 +103,8 @@ def extract(
     layers: Optional[List[int]] = typer.Option(None, "--layers",
                                                help="Also from these blocks, counted from the end: -1 -4."),
     views: str = typer.Option("center", "--views", help="center, flip or center+flip (averaged)."),
+    labels: Optional[List[str]] = typer.Option(None, "--labels",
+                                               help="Multi-label csv: the 0/1 label columns (or '*': all but path)."),
     download: bool = typer.Option(False, "--download", help="Let a torchvision: dataset download missing files into ROOT."),
     json_: bool = JsonOpt,
 ) -> None:
@@ -125,7 +127,7 @@ def extract(
         if download:  # fetch once here, not in N shard processes racing to write the same files
             open_source(data, split, download=True)
         return _launch_shards(processes)
-    source, store = open_source(data, split, download=download), Cache(cache)
+    source, store = open_source(data, split, download=download, labels=labels), Cache(cache)
     results = []
     for name in backbones:
         with _LazyBar(f"{name} {dataset}/{split}") as bar:

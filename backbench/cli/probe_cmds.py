@@ -80,6 +80,14 @@ def probe(
         pairs = [run_probe(store, backbone, dataset, train, eval_, **common)]
     if json_:
         return emit_json([{**r, "reused": reused} for r, reused in pairs])
+    if pairs and pairs[0][0]["task"] == "probe-multilabel":
+        r, reused = pairs[0]
+        m = r["metrics"]
+        table([{"label": k, "auroc": v, "eval_positives": m["positives_eval"].get(k)} for k, v in m["auroc"].items()],
+              ["label", "auroc", "eval_positives"],
+              title=f"{backbone} on {dataset} (multi-label, one-vs-rest): mean_auroc {m['mean_auroc']:.4f}, "
+                    f"mean_ap {m['mean_ap']:.4f}, C {r['chosen_C']:g}" + (" (reused)" if reused else ""))
+        return
     table([_metrics_row(r, reused) for r, reused in pairs],
           ["task", "shots", "seed", "C", "top1", "top5", "mean_per_class", "log_loss", "ece", "reused"],
           title=f"{backbone} on {dataset}: train {train}, eval {eval_}")

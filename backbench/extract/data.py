@@ -25,6 +25,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 class ImageSource:
     """A labelled list of images. Subclasses fill ``ids``, ``labels``, ``classes``."""
 
+    multilabel = False  # True: ``labels`` are bitmasks over ``classes`` (see CsvSource)
+
     spec: str
     ids: list[str]
     labels: np.ndarray
@@ -110,6 +112,14 @@ class _FileSource(ImageSource):
         return [sizes[i] if i in sizes else _size(os.path.join(root, i)) for i in self.ids]
 
 
+def _positive(value: str) -> bool:
+    """A multi-label cell: 1 (or 1.0, true, yes) is positive; 0, -1 (uncertain) and blank are not."""
+    try:
+        return float(value) == 1.0
+    except ValueError:
+        return value.lower() in ("true", "yes")
+
+
 def _size(path: str) -> int:
     try:
         return os.stat(path).st_size
@@ -159,19 +169,31 @@ class ImageFolder(_FileSource):
 
 
 class CsvSource(_FileSource):
-    """A CSV with columns ``path,label``; paths relative to the CSV's folder."""
+    """A CSV with columns ``path,label``; paths relative to the CSV's folder.
 
-    def __init__(self, path: str | Path) -> None:
+    Multi-label (``labels=[COL, ...]``, or ``["*"]`` for every column but ``path``): one 0/1
+    column per label, as CheXpert's CSVs have (1 is positive; 0, -1 "uncertain" and blank
+    count as negative). The classes are the label names, and each sample's label is stored
+    as a bitmask (bit k set: label k positive), so the cache keeps one int64 per row;
+    ``multilabel`` is True and the probes run one-vs-rest and report mean AUROC.
+    """
+
+    MAX_LABELS = 62
+
+    def __init__(self, path: str | Path, labels: list[str] | None = None) -> None:
         file = Path(path).expanduser()
         self.spec, self.root = f"csv:{file}", file.parent
         if not file.is_file():
             raise DataSourceError(f"CSV file {str(file)!r} does not exist")
+        if labels:
+            return self._multilabel(file, labels)
         with open(file, newline="") as fh:
             reader = csv.DictReader(fh)
             missing = {"path", "label"} - set(reader.fieldnames or [])
             if missing:
                 raise DataSourceError(
-                    f"{str(file)!r} lacks column(s) {', '.join(sorted(missing))}; expected a header 'path,label'"
+                    f"{str(file)!r} lacks column(s) {', '.join(sorted(missing))}; expected a header 'path,label' "
+                    f"(or name the label columns of a multi-label CSV with --labels)"
                 )
             rows = []
             for line, row in enumerate(reader, start=2):
@@ -186,6 +208,29 @@ class CsvSource(_FileSource):
         index = {n: i for i, n in enumerate(self.classes)}
         self.ids = [p for p, _ in rows]
         self.labels = np.asarray([index[lab] for _, lab in rows], dtype=np.int64)
+
+    def _multilabel(self, file: Path, labels: list[str]) -> None:
+        with open(file, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = list(reader.fieldnames or [])
+            cols = [f for f in fields if f != "path"] if labels in (["*"], ["all"]) else list(labels)
+            missing = [c for c in ["path", *cols] if c not in fields]
+            if missing:
+                raise DataSourceError(f"{str(file)!r} lacks column(s) {', '.join(missing)} (has: {', '.join(fields)})")
+            if not cols or len(cols) > self.MAX_LABELS:
+                raise DataSourceError(f"--labels names {len(cols)} columns; a multi-label CSV needs 1 to "
+                                      f"{self.MAX_LABELS}")
+            ids, masks = [], []
+            for line, row in enumerate(reader, start=2):
+                if not (row.get("path") or "").strip():
+                    raise DataSourceError(f"{str(file)!r} line {line}: empty path")
+                ids.append(row["path"].strip())
+                masks.append(sum(1 << k for k, c in enumerate(cols) if _positive((row.get(c) or "").strip())))
+        if not ids:
+            raise DataSourceError(f"{str(file)!r} lists no images")
+        self.spec = f"csv:{file}?labels={','.join(cols)}"
+        self.classes, self.ids, self.labels = cols, ids, np.asarray(masks, dtype=np.int64)
+        self.multilabel = True
 
 
 class Digits(ImageSource):
@@ -787,7 +832,7 @@ class WebDatasetSource(ImageSource):
 
 SOURCE_KINDS: dict[str, Callable[..., ImageSource]] = {
     "imagefolder": lambda arg, split: ImageFolder(arg),
-    "csv": lambda arg, split: CsvSource(arg),
+    "csv": lambda arg, split, labels=None: CsvSource(arg, labels),
     "digits": lambda arg, split: Digits(split),
     "textures": lambda arg, split: Textures(split),
     "torchvision": lambda arg, split, download=False: TorchvisionSource(arg, split, download),
@@ -798,10 +843,11 @@ BUILTIN = ("digits", "textures")
 USAGE = {"torchvision": "torchvision:NAME:ROOT", "hf-dataset": "hf-dataset:NAME[:CONFIG]", "wds": "wds:PATTERN"}
 
 
-def open_source(spec: str, split: str, *, download: bool = False) -> ImageSource:
+def open_source(spec: str, split: str, *, download: bool = False, labels: list[str] | None = None) -> ImageSource:
     """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none).
 
     ``download`` lets a ``torchvision:`` dataset fetch missing files; other kinds ignore it.
+    ``labels`` names the label columns of a multi-label ``csv:`` (``csv:PATH?labels=A,B`` too).
     """
     import inspect
 
@@ -816,6 +862,14 @@ def open_source(spec: str, split: str, *, download: bool = False) -> ImageSource
         raise DataSourceError(f"data source {kind}: needs a path, e.g. "
                               + {"torchvision": "torchvision:CIFAR10:/data/cifar", "hf-dataset": "hf-dataset:/data/pets",
                                  "wds": "wds:/data/shards/train-{000000..000009}.tar"}.get(kind, f"{kind}:/data/train"))
+    if kind == "csv" and "?labels=" in arg:
+        arg, _, cols = arg.partition("?labels=")
+        labels = labels or [c for c in cols.split(",") if c]
+    kw: dict[str, Any] = {}
     if download and "download" in inspect.signature(factory).parameters:
-        return factory(arg, split, download=True)
-    return factory(arg, split)
+        kw["download"] = True
+    if labels:
+        if "labels" not in inspect.signature(factory).parameters:
+            raise DataSourceError(f"--labels (multi-label columns) works with csv: sources, not {kind}:")
+        kw["labels"] = list(labels)
+    return factory(arg, split, **kw)

@@ -88,6 +88,7 @@ def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: st
         "source": source.spec,
         "dataset_fingerprint": source.fingerprint(),
         "classes": list(source.classes),
+        "multilabel": bool(source.multilabel),
         "dtype": np.dtype(dtype).name,
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

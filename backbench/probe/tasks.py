@@ -18,7 +18,7 @@ Record = dict[str, Any]
 
 
 def load_pair(cache: Cache, backbone: str, dataset: str, train: str, evals: Sequence[str], *,
-              complete_only: bool = False) -> tuple[Split, list[Split]]:
+              complete_only: bool = False, multilabel: bool = False) -> tuple[Split, list[Split]]:
     """Train split plus eval splits of one backbone and dataset, checked to fit together.
 
     All are streamed (lazy :class:`~backbench.probe.stream.GroupRows`) when their float32
@@ -39,6 +39,12 @@ def load_pair(cache: Cache, backbone: str, dataset: str, train: str, evals: Sequ
     for other in others:
         check_same_backbone(tr, other)
         check_same_classes(tr, other)
+    if bool(tr.group.attrs.get("multilabel")) != multilabel:
+        from backbench.errors import ProbeInputError
+
+        raise ProbeInputError(
+            f"{tr.label} is multi-label: `backbench probe` runs its one-vs-rest probe (mean AUROC); the other "
+            f"tasks need one label per image" if not multilabel else f"{tr.label} has one label per image")
     return tr, others
 
 
@@ -74,6 +80,14 @@ def run_probe(cache: Cache, backbone: str, dataset: str, train: str, eval: str, 
     """The full-data linear probe: select C, refit, evaluate. Returns (record, reused)."""
     from backbench.probe.linear import default_Cs
 
+    from backbench.extract.kinds import probe_kinds
+    from backbench.probe.data import current_features
+
+    if cache.group(backbone, dataset, train, probe_kinds(current_features())[0]).attrs.get("multilabel"):
+        from backbench.probe.multilabel import run_multilabel_probe
+
+        return run_multilabel_probe(cache, backbone, dataset, train, eval, val=val, Cs=Cs, device=device,
+                                    force=force, complete_only=complete_only)
     Cs = [float(c) for c in (Cs if Cs is not None else default_Cs())]
     tr, others = load_pair(cache, backbone, dataset, train, [eval] + ([val] if val else []),
                            complete_only=complete_only)

@@ -16,6 +16,7 @@ import numpy as np
 # task -> (main metric, label)
 MAIN_METRIC = {
     "probe": "top1",
+    "probe-multilabel": "mean_auroc",
     "fewshot": "top1",
     "knn": "top1",
     "knn-fewshot": "top1",
