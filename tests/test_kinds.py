@@ -81,19 +81,23 @@ def test_extract_kinds_and_views_into_the_cache_and_probe_them(cache_path):
     np.testing.assert_allclose(cache.group(VIT, "d", "test", "layer-2:cls").features(dtype=np.float32),
                                want["layer-2:cls"].numpy(), atol=2e-3, rtol=2e-3)
     assert cache.group(VIT, "d", "test", "cls+mean-patch").dim == 2 * cls.dim
-    assert len({g.chunk_rows for g in cache.groups()}) == 1
-    # views: the mirrored image, and the average of both
-    extract(VIT, src, cache=cache_path, dataset="d", split="flip", limit=48, workers=0, batch_size=16,
+    assert len({g.chunk_rows for g in Cache(cache_path, mode="r").groups()}) == 1
+    # views: the mirrored image, and the average of both, stored beside the center view
+    extract(VIT, src, cache=cache_path, dataset="d", split="test", limit=48, workers=0, batch_size=16,
             features=["cls"], views="flip")
-    extract(VIT, src, cache=cache_path, dataset="d", split="both", limit=48, workers=0, batch_size=16,
+    extract(VIT, src, cache=cache_path, dataset="d", split="test", limit=48, workers=0, batch_size=16,
             features=["cls"], views="center+flip")
-    flip = cache.group(VIT, "d", "flip", "cls")
-    assert flip.attrs["feature_kind"] == "cls@flip"
+    flip = cache.group(VIT, "d", "test", "cls@flip")
+    assert flip.attrs["feature_kind"] == "cls@flip" and flip.path.endswith("/d/test~cls@flip")
     with torch.inference_mode():
         mirrored, _ = kinds_forward(bb, x.flip(-1), ["cls"])
     np.testing.assert_allclose(flip.features(dtype=np.float32), mirrored["cls"].numpy(), atol=2e-3, rtol=2e-3)
-    both = cache.group(VIT, "d", "both", "cls").features(dtype=np.float32)
+    both = cache.group(VIT, "d", "test", "cls@center+flip").features(dtype=np.float32)
     np.testing.assert_allclose(both, (want["cls"].numpy() + mirrored["cls"].numpy()) / 2, atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(load_split(cache, VIT, "d", "test", kind="cls@flip").X,
+                                  flip.features(dtype=np.float32))
+    with pytest.raises(BackbenchError, match="extract views with --views flip"):
+        expand(["cls@flip"], None)
     # probes pick a kind, or a concatenation of the last blocks (DINOv2)
     with use_features("last2:cls"):
         split = load_split(cache, VIT, "d", "test")

@@ -16,7 +16,8 @@ KIND``, or a concatenation with ``--features K1,K2`` (``lastN:BASE`` is
 ``layer-1:BASE,...,layer-N:BASE``, DINOv2's concatenation of the last blocks).
 
 Views: ``center`` (the default), ``flip`` (the mirrored image), or ``center+flip`` (the
-features of both, averaged).
+features of both, averaged). A view other than center is part of the stored kind's name
+(``cls@flip``, group ``SPLIT~cls@flip``), so the views of one split are stored side by side.
 """
 
 from __future__ import annotations
@@ -28,16 +29,23 @@ from backbench.errors import BackbenchError
 
 BASES = ("pooled", "cls", "mean-patch", "cls+mean-patch")
 VIEWS = ("center", "flip", "center+flip")
-_KIND = re.compile(r"^(?:layer-(\d+):)?(pooled|cls|mean-patch|cls\+mean-patch)$")
+_KIND = re.compile(r"^(?:layer-(\d+):)?(pooled|cls|mean-patch|cls\+mean-patch)(?:@(flip|center\+flip))?$")
 
 
 def parse_kind(kind: str) -> tuple[int | None, str]:
-    """``"layer-4:cls"`` -> ``(4, "cls")``; ``"pooled"`` -> ``(None, "pooled")``."""
+    """``"layer-4:cls"`` -> ``(4, "cls")``; ``"pooled"`` -> ``(None, "pooled")``; a stored kind may
+    end in its view (``cls@flip``, as probes name it)."""
     m = _KIND.match(kind or "")
     if not m or (m.group(1) and m.group(2) == "pooled") or (m.group(1) and int(m.group(1)) < 1):
         raise BackbenchError(f"feature kind {kind!r}: use pooled, cls, mean-patch, cls+mean-patch, or "
-                             f"layer-N:cls / layer-N:mean-patch (N >= 1 blocks from the end)")
+                             f"layer-N:cls / layer-N:mean-patch (N >= 1 blocks from the end), with @flip or "
+                             f"@center+flip for other views")
     return (int(m.group(1)) if m.group(1) else None), m.group(2)
+
+
+def stored_kind(kind: str, view: str) -> str:
+    """The name a kind is stored (and probed) under: ``cls`` for the center view, else ``cls@flip``."""
+    return kind if view == "center" else f"{kind}@{view}"
 
 
 def expand(features: list[str] | None, layers: list[int] | None) -> list[str]:
@@ -46,6 +54,8 @@ def expand(features: list[str] | None, layers: list[int] | None) -> list[str]:
     kinds = list(dict.fromkeys(features or ["pooled"]))
     for k in kinds:
         parse_kind(k)
+        if "@" in k:
+            raise BackbenchError(f"feature kind {k!r}: extract views with --views {k.split('@')[1]}")
     bases = [k for k in kinds if parse_kind(k)[0] is None and k != "pooled"] or ["cls"]
     for layer in layers or []:
         if int(layer) == 0:

@@ -22,7 +22,7 @@ from backbench.errors import CacheError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
 from backbench.extract.decode import DeviceDecoder, jpeg_payload, provenance, resolve_decode
-from backbench.extract.kinds import check_view, expand
+from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache
 from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for, group_key
@@ -82,7 +82,7 @@ def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: st
         "weights_sha256": backbone.weights_sha256,
         "backbone_info": backbone.describe(),
         "preprocess": {**backbone.preprocess.to_dict(), **(decoding or {})},
-        "feature_kind": kind if view == "center" else f"{kind}@{view}",
+        "feature_kind": stored_kind(kind, view),
         "dataset": dataset,
         "split": split,
         "source": source.spec,
@@ -458,7 +458,8 @@ def extract(
         groups = {k: open_or_create(cache, {**attrs, "feature_kind": group_attrs(model, src, dataset, split, dtype,
                                                                                  kind=k, view=view)["feature_kind"]},
                                     len(src), dims[k], model.num_classes if k == "pooled" else 0,
-                                    overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size, kind=k)
+                                    overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size,
+                                    kind=stored_kind(k, view))
                   for k in kinds}
     group = groups[kinds[0]]
     # Shards own disjoint chunks and run side by side; a whole-group run takes the group's lock

@@ -357,9 +357,8 @@ def _create_arrays(node, arrays: dict[str, dict[str, Any]]) -> None:
 
 
 def group_key(attrs: dict[str, Any]) -> tuple[str, str, str, str]:
-    """``(backbone, dataset, split, kind)`` of a group's attributes: where it lives in a cache
-    (the kind without its view: ``cls@flip`` lives where ``cls`` does)."""
-    kind = str(attrs.get("feature_kind") or "pooled").split("@")[0]
+    """``(backbone, dataset, split, kind)`` of a group's attributes: where it lives in a cache."""
+    kind = str(attrs.get("feature_kind") or "pooled")
     return attrs["backbone"], attrs["dataset"], attrs["split"], kind
 
 
