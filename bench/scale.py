@@ -139,7 +139,13 @@ def main() -> None:
         battle = None if args.no_battle else battle_times(folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    out = {"bench": "scale", "rows": rows_out, "battle": battle}
+    figures = {}
+    for r in rows_out:
+        for mode in ("memory", "streamed"):
+            figures[f"{r['task']}_{r['rows']}_{mode}_s"] = r[mode]["seconds"]
+            figures[f"{r['task']}_{r['rows']}_{mode}_mem_mb"] = r[mode]["peak_rss_mb"]
+        figures[f"{r['task']}_{r['rows']}_time_ratio"] = r["time_ratio"]
+    out = {"bench": "scale", "figures": figures, "rows": rows_out, "battle": battle}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
