@@ -184,3 +184,13 @@ def test_cli_extract_features_layers_views(cache_path, run_cli):
     code, _, err = run_cli("extract", CNN, "--data", "digits", "--dataset", "d", "--split", "test", "--limit", "16",
                            "--workers", "0", "--features", "cls", "--cache", cache_path)
     assert code == 1 and "needs a class token" in err and "Traceback" not in err
+
+
+def test_info_shows_a_kind(cache_path, run_cli):
+    extract(VIT, Digits("test"), cache=cache_path, dataset="d", split="test", limit=16, workers=0,
+            features=["pooled", "mean-patch"])
+    code, out, err = run_cli("info", VIT, "d", "test", "--features", "mean-patch", "--cache", cache_path, "--json")
+    assert code == 0, err
+    import json
+
+    assert json.loads(out)["feature_kind"] == "mean-patch"

@@ -209,16 +209,19 @@ def info(
     backbone: str = typer.Argument(..., help="Backbone name as extracted."),
     dataset: str = typer.Argument(...),
     split: str = typer.Argument(...),
+    features: str = typer.Option("pooled", "--features", help="Feature kind: cls, layer-4:cls, cls@flip, ..."),
     cache: Optional[str] = CacheOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Show one group's provenance: weights hash, preprocessing, dataset fingerprint, versions.
 
-    Example:  backbench info timm:resnet18@random digits train
+    Example:  backbench info timm:resnet18@random digits train [--features cls]
     """
+    from backbench.extract.kinds import parse_kind
     from backbench.store import Cache
 
-    group = Cache(cache, mode="r").group(backbone, dataset, split)
+    parse_kind(features)
+    group = Cache(cache, mode="r").group(backbone, dataset, split, features)
     attrs = {**group.attrs, **group.summary()}
     if json_:
         return emit_json(attrs)
