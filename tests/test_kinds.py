@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 from backbench.errors import BackbenchError, GroupNotFound

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import zarr
 from PIL import Image
 
 from backbench.errors import SampleError
-from backbench.extract.data import ImageFolder
 from backbench.extract.run import extract
 from backbench.report.results import ResultsLog
 from backbench.store import Cache
