@@ -35,7 +35,7 @@ def _blocks(X, device, block_rows: int = BLOCK_ROWS):
 
 
 def _device(X):
-    return X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
+    return X.device if isinstance(X, torch.Tensor) else torch.device(getattr(X, "device", "cpu"))
 
 
 def moments(X, weights: torch.Tensor, standardize: bool):
@@ -157,7 +157,7 @@ def preconditioner(X, weights, mean, scale):
     cov = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=_device(X))
     for i in range(0, len(rows), BLOCK_ROWS):
         take = rows[i : i + BLOCK_ROWS]
-        Xb = X[take] if isinstance(X, torch.Tensor) else torch.from_numpy(X[take.cpu().numpy()])
+        Xb = X[take] if isinstance(X, torch.Tensor) else torch.from_numpy(X[take.cpu().numpy()]).to(cov.device)
         Xb = (Xb - mu) * inv_s
         cov += (Xb.t() @ Xb).double()
     evals, V = torch.linalg.eigh(cov / len(rows))

@@ -41,7 +41,7 @@ def _as_tensor(X, device: str, what: str = "X"):
     from backbench.probe.stream import GroupRows
 
     if isinstance(X, GroupRows):
-        return X
+        return X.on(device)
     if not isinstance(X, torch.Tensor):
         X = np.asarray(X)
         if X.dtype.kind not in "fiub":

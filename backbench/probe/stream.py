@@ -95,10 +95,16 @@ class GroupRows:
             sel = positions[(positions >= a) & (positions < b)] - a
             if len(sel):
                 parts.append((g, rows[sel]))
-        return GroupRows(parts)
+        return GroupRows(parts).on(self.device)
 
     def concat(self, other: GroupRows) -> GroupRows:
-        return GroupRows(self.parts + other.parts)
+        return GroupRows(self.parts + other.parts).on(self.device)
+
+    def on(self, device: Any) -> GroupRows:
+        """The same rows, handed to torch on ``device`` (each chunk copied there as it is read)."""
+        out = GroupRows(self.parts)
+        out.device = str(device)
+        return out
 
     def _chunk(self, part: int, chunk: int) -> np.ndarray:
         """One row chunk of a part's group as float32 (the last one read is kept)."""
