@@ -61,14 +61,12 @@ def use_features(spec: str | None) -> Iterator[None]:
 
 
 def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complete_only: bool = False,
-               logits: bool = False, features: bool = True, memory_limit: int | None = None,
-               kind: str | None = None) -> Split:
+               logits: bool = False, memory_limit: int | None = None, kind: str | None = None) -> Split:
     """Read a group as float32; skipped samples (label -1) are dropped; NaN/inf is refused.
 
     ``kind``: the feature kind(s) (default :func:`current_features`); several, comma-separated,
     are concatenated column-wise (in memory), as DINOv2 concatenates its last blocks.
 
-    ``features=False`` reads labels only (X is an empty placeholder) for callers that stream.
     When the float32 features would take more than ``memory_limit`` bytes, ``X`` is a lazy
     :class:`~backbench.probe.stream.GroupRows` read chunk by chunk (NaN/inf refused as read).
     """
@@ -79,18 +77,15 @@ def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complet
     kinds = probe_kinds(kind or current_features())
     if len(kinds) > 1:
         parts = [load_split(cache, backbone, dataset, split, complete_only=complete_only, logits=logits,
-                            features=features, memory_limit=1 << 62, kind=k) for k in kinds]
+                            memory_limit=1 << 62, kind=k) for k in kinds]
         for p in parts[1:]:
             if not np.array_equal(p.y, parts[0].y):
                 raise ProbeInputError(f"the feature kinds {kinds} of {dataset}/{split} cover different rows; "
                                       f"extract them together")
-        X = np.hstack([p.X for p in parts]) if features else parts[0].X
-        return Split(X, parts[0].y, parts[0].classes, parts[0].group, split, parts[0].logits,
+        return Split(np.hstack([p.X for p in parts]), parts[0].y, parts[0].classes, parts[0].group, split, parts[0].logits,
                      tuple(p.key for p in parts))
     group = cache.group(backbone, dataset, split, kinds[0])
     y = group.labels(complete_only=complete_only)
-    if not features:
-        return Split(np.zeros((len(y), 0), np.float32), y, list(group.attrs["classes"]), group, split)
     if memory_limit is None:
         memory_limit = current_limit()
     if len(y) * group.dim * 4 > memory_limit:
