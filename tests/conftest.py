@@ -71,15 +71,20 @@ def put_group(cache_path: str, backbone: str, dataset: str, split: str, X: np.nd
     group.finalize()
 
 
-@pytest.fixture
-def digits_cache(cache_path) -> str:
-    """Pixel features of scikit-learn's digits as a cache: train/val/test splits of 'digits'."""
+def digits_pixels() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """scikit-learn's digits as noisy float32 pixels, with fixed train/val/test row indices."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     X = X.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, X.shape).astype(np.float32)
     idx = np.random.default_rng(1).permutation(len(y))
-    parts = {"train": idx[:1000], "val": idx[1000:1300], "test": idx[1300:]}
+    return X, y, {"train": idx[:1000], "val": idx[1000:1300], "test": idx[1300:]}
+
+
+@pytest.fixture
+def digits_cache(cache_path) -> str:
+    """Pixel features of scikit-learn's digits as a cache: train/val/test splits of 'digits'."""
+    X, y, parts = digits_pixels()
     for split, rows in parts.items():
         put_group(cache_path, "fake:pixels", "digits", split, X[rows], y[rows])
     return cache_path

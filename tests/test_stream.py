@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from backbench.errors import BackbenchError
 from backbench.probe.data import load_split
@@ -17,7 +16,7 @@ from backbench.probe.ood_tasks import run_ood
 from backbench.probe.stream import GroupRows, limit_memory, parse_size
 from backbench.probe.tasks import run_few_shot, run_probe
 from backbench.store import Cache
-from conftest import put_group
+from conftest import digits_pixels, put_group
 
 B = "fake:pixels"
 
@@ -25,10 +24,7 @@ B = "fake:pixels"
 @pytest.fixture
 def cache(cache_path) -> Cache:
     """Digits pixels in chunks of 96 rows; a few train rows were skipped at extraction (-1)."""
-    X, y = load_digits(return_X_y=True)
-    X = X.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, X.shape).astype(np.float32)
-    idx = np.random.default_rng(1).permutation(len(y))
-    parts = {"train": idx[:1000], "val": idx[1000:1300], "test": idx[1300:]}
+    X, y, parts = digits_pixels()
     for split, rows in parts.items():
         labels = y[rows].copy()
         if split == "train":
