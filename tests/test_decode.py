@@ -14,8 +14,8 @@ from PIL import Image
 from backbench.errors import BackbenchError, CacheMismatch, SampleError
 from backbench.extract.backbones import load_backbone
 from backbench.extract.data import Digits, ImageFolder, _open_rgb
-from backbench.extract.decode import DeviceDecoder, jpeg_payload
-from backbench.extract.run import extract
+from backbench.extract.decode import DeviceDecoder, IdleBudget, jpeg_payload
+from backbench.extract.run import _collate_packed, _Images, _unpack, extract
 from backbench.store import Cache
 
 RESNET = "timm:test_resnet@random"
@@ -91,7 +91,67 @@ def test_device_decode_needs_files(cache_path, run_cli):
         extract(RESNET, "digits", cache=cache_path, dataset="d", split="test", decode="device", limit=8)
     code, out, err = run_cli("extract", RESNET, "--data", "digits", "--dataset", "d", "--split", "test",
                              "--limit", "8", "--decode", "gpu", "--cache", cache_path)
-    assert code == 1 and "--decode 'gpu' is not one of auto, workers, device" in err
+    assert code == 1 and "--decode 'gpu' is not one of auto, workers, device, mixed" in err
+
+
+def test_mixed_decode_extracts_the_same_features_records_it_and_resumes_with_it(jpegs, cache_path):
+    a = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="workers",
+                decode="workers", workers=0, batch_size=2)
+    b = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="mixed",
+                decode="mixed", workers=2, batch_size=2)
+    assert a.rows_written == b.rows_written == 7
+    cache = Cache(cache_path, mode="r")
+    gm = cache.group(RESNET, "j", "mixed")
+    np.testing.assert_array_equal(cache.group(RESNET, "j", "workers").features(), gm.features())
+    assert gm.attrs["preprocess"]["decode"] == "torchvision-cpu+workers"
+    assert gm.attrs["extraction"]["decode"] == "mixed"
+    assert extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="mixed",
+                   workers=0).status == "up-to-date"  # auto keeps the decoding it started with
+    with pytest.raises(CacheMismatch, match="preprocess"):
+        extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="mixed", decode="device",
+                workers=0)
+
+
+class _Unlimited(IdleBudget):
+    def start(self) -> float:
+        return float("inf")
+
+
+def test_a_mixed_worker_decodes_its_batch_within_budget_and_sends_the_rest_as_bytes(jpegs):
+    """In a real DataLoader worker: with budget, every JPEG arrives decoded (the workers'
+    pixels); with none, as bytes; the PNG and the CMYK JPEG are decoded either way."""
+    from torch.utils.data import DataLoader
+
+    bb = load_backbone(RESNET)
+    src = ImageFolder(jpegs)
+    tf = bb.preprocess.to_uint8()
+    ds = _Images(src, tf, bb.preprocess.input_size, "mixed")
+    batches = [list(range(len(src)))]
+    ds.budget = _Unlimited()
+    (_, packed, errors), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
+    assert not any(errors) and not packed[0].any()  # nothing left for the device
+    for i, img in enumerate(_unpack(packed)):
+        assert torch.equal(img, tf(_open_rgb(jpegs / src.ids[i]))), src.ids[i]
+    ds.budget = IdleBudget()  # a first batch has no budget
+    (_, packed, _), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
+    assert packed[0].tolist() == [True] * 5 + [False, False]
+
+
+def test_idle_budget_grows_with_idle_time_and_shrinks_when_the_worker_is_the_bottleneck():
+    now = [0.0]
+    budget = IdleBudget(clock=lambda: now[0])
+    assert budget.start() == 0.0  # pipeline filling
+    now[0] = 0.1
+    budget.end(0.0)  # 0.1 s busy reading bytes
+    now[0] = 0.5  # 0.4 s idle: half of it may go to CPU decoding
+    assert budget.start() == pytest.approx(0.2)
+    now[0] = 0.8
+    budget.end(0.2)
+    assert budget.start() == pytest.approx(0.16)  # no idle time: a fifth less
+    now[0] = 1.0
+    budget.end(0.16)
+    now[0] = 2.0
+    assert budget.start() == pytest.approx(0.16 + 0.5)
 
 
 def test_compiled_forward_gives_the_same_features(cache_path):

@@ -7,18 +7,26 @@ the same torchvision functions the workers use. Anything that is not a plain RGB
 grayscale JPEG (PNG, CMYK, oversized, ...) is decoded by the worker as usual, and a JPEG the
 device refuses is decoded on the CPU in the main process, so each sample gets the same
 treatment (and the same errors) as in ``decode="workers"``.
+
+With ``decode="mixed"`` (DALI's name for its CPU+GPU decoder) the workers also decode on the
+CPU as many of their batch's JPEGs as their idle time allows (:class:`IdleBudget`) and send
+the rest as bytes: where the CPU keeps up on its own the device decodes nothing, and where it
+cannot, the device decodes only what the CPU could not. Which image went which way depends
+on timing; nvJPEG and libjpeg-turbo may differ by a level in a few pixels, so the group
+records ``"decode": "torchvision-cuda+workers"``.
 """
 
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from typing import Any
 
 from backbench.errors import BackbenchError
 from backbench.extract.preprocess import Preprocess
 
-DECODES = ("auto", "workers", "device")
+DECODES = ("auto", "workers", "device", "mixed")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -28,15 +36,49 @@ def resolve_decode(decode: str, device: str, source) -> str:
         raise BackbenchError(f"--decode {decode!r} is not one of {', '.join(DECODES)}")
     if decode == "auto":
         return "device" if device.startswith("cuda") and source.has_bytes else "workers"
-    if decode == "device" and not source.has_bytes:
-        raise BackbenchError(f"--decode device needs image files; {source.spec.split(':')[0]} images are "
+    if decode in ("device", "mixed") and not source.has_bytes:
+        raise BackbenchError(f"--decode {decode} needs image files; {source.spec.split(':')[0]} images are "
                              f"decoded in the workers (use --decode workers)")
     return decode
 
 
 def provenance(decode: str, device: str) -> dict[str, str]:
     """What goes into the group's preprocessing record (nothing for worker decoding)."""
-    return {"decode": f"torchvision-{device.split(':')[0]}"} if decode == "device" else {}
+    if decode == "workers":
+        return {}
+    return {"decode": f"torchvision-{device.split(':')[0]}" + ("+workers" if decode == "mixed" else "")}
+
+
+def started_decode(preprocess: dict) -> str:
+    """The decoding a group was started with, from its preprocessing record."""
+    recorded = preprocess.get("decode")
+    return "workers" if recorded is None else "mixed" if recorded.endswith("+workers") else "device"
+
+
+class IdleBudget:
+    """``decode="mixed"``: the seconds a worker may spend decoding on the CPU in its next batch.
+
+    A worker that sat idle between two batches (the device was the bottleneck) may spend what
+    it used last time plus half of that idle time; one that found its next batch waiting (it
+    is the bottleneck) spends a fifth less. So the workers settle where they just keep up,
+    and the device decodes whatever they leave. The first batch (the pipeline filling) gets
+    no budget.
+    """
+
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock, self.budget, self.used, self.busy, self.began, self.last_end = clock, 0.0, 0.0, 0.0, 0.0, None
+
+    def start(self) -> float:
+        now = self.clock()
+        if self.last_end is not None:
+            idle = now - self.last_end
+            self.budget = self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
+        self.began = now
+        return self.budget
+
+    def end(self, used: float) -> None:
+        self.used, self.last_end = used, self.clock()
+        self.busy = self.last_end - self.began
 
 
 def jpeg_payload(data: bytes):
@@ -110,6 +152,7 @@ class DeviceDecoder:
         if decoded:
             out[torch.as_tensor(list(decoded), device=self.device)] = self._resize_crop(list(decoded.values()))
         errors: dict[int, str] = {}
+        ready: dict[int, Any] = {}  # decoded on the CPU (by the workers, or here as a fallback)
         for i, p in enumerate(payloads):
             if i in decoded:
                 continue
@@ -119,5 +162,10 @@ class DeviceDecoder:
                 except Exception as exc:
                     errors[i] = str(exc) or type(exc).__name__
                     p = torch.zeros((3, h, w), dtype=torch.uint8)
-            out[i] = p.to(self.device, non_blocking=True)
+            ready[i] = p
+        if ready:  # one host-to-device copy for all of them
+            host = torch.stack(list(ready.values()))
+            if self.device.startswith("cuda"):
+                host = host.pin_memory()
+            out[torch.as_tensor(list(ready), device=self.device)] = host.to(self.device, non_blocking=True)
         return out, errors

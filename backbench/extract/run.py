@@ -21,7 +21,7 @@ import numpy as np
 from backbench.errors import CacheError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
-from backbench.extract.decode import DeviceDecoder, jpeg_payload, provenance, resolve_decode
+from backbench.extract.decode import DeviceDecoder, IdleBudget, jpeg_payload, provenance, resolve_decode, started_decode
 from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache
@@ -63,6 +63,13 @@ def resolve_device(device: str = "auto") -> str:
 def default_batch_size(device: str) -> int:
     """256 images per batch on a GPU (fills an H100 with a ViT-B/16 in bf16), 64 on a CPU."""
     return 256 if device.startswith("cuda") else 64
+
+
+def default_workers(decode: str) -> int:
+    """All cores; with ``decode="mixed"`` two fewer, which the main process's threads (forward,
+    device decoding, writing) keep when the workers decode in their idle time."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 2) if decode == "mixed" else cores
 
 
 def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
@@ -132,25 +139,45 @@ class _Images:
 
     With ``decode="device"`` a device-decodable JPEG comes back as its bytes (a 1-D uint8
     tensor) for :class:`~backbench.extract.decode.DeviceDecoder`; everything else is decoded here.
+    With ``decode="mixed"`` a worker also decodes here as many of its batch's JPEGs as its
+    :class:`~backbench.extract.decode.IdleBudget` allows.
     """
 
     def __init__(self, source: ImageSource, transform, shape: tuple[int, int, int], decode: str = "workers") -> None:
         self.source, self.transform, self.shape, self.decode = source, transform, shape, decode
+        self.budget = IdleBudget() if decode == "mixed" else None
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int, cpu: bool = False):
         import torch
 
         try:
-            if self.decode == "device":
+            if self.decode in ("device", "mixed") and not cpu:
                 payload = jpeg_payload(self.source.read_bytes(index))
                 if payload is not None:
                     return index, payload, ""
             return index, self.transform(self.source.load(index)), ""
         except Exception as exc:  # reported per sample by the main process
             return index, torch.zeros(self.shape, dtype=torch.uint8), str(exc) or type(exc).__name__
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """One batch (the DataLoader's batched fetch); in a ``mixed`` worker, JPEGs are decoded
+        here until the worker's idle-time budget is spent."""
+        from torch.utils.data import get_worker_info
+
+        items = [self[i] for i in indices]
+        if self.budget is None or get_worker_info() is None:  # the main process never decodes ahead
+            return items
+        budget, start = self.budget.start(), time.perf_counter()
+        for k, (index, payload, error) in enumerate(items):
+            if time.perf_counter() - start >= budget:
+                break
+            if payload.ndim == 1 and not error:
+                items[k] = self.__getitem__(index, cpu=True)
+        self.budget.end(time.perf_counter() - start)
+        return items
 
 
 def _collate_packed(batch):
@@ -235,7 +262,7 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
 
     ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode)
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
-    if decode == "device":
+    if decode in ("device", "mixed"):
         kw["collate_fn"] = _collate_packed
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
 
@@ -289,11 +316,13 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
     cuda = device.startswith("cuda")
     model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     step = forward_step(backbone, device, compile, list(groups), view)
-    decoder = DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone)) if decode == "device" else None
+    decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
+               if decode in ("device", "mixed") else None)
     side = torch.cuda.Stream() if cuda and decoder is not None else None
     # The forward pass runs on its own (non-blocking) stream, so work that a library queues on
-    # the legacy default stream (nvJPEG in some torchvision versions) cannot serialize with it.
-    compute = torch.cuda.Stream() if side is not None else None
+    # the legacy default stream (nvJPEG in some torchvision versions) cannot serialize with it,
+    # at high priority, so decoding the next batch fills the SMs it leaves idle.
+    compute = torch.cuda.Stream(priority=-1) if side is not None else None
     if compute is not None:
         compute.wait_stream(torch.cuda.current_stream())
     total, done, skipped = sum(map(len, batches)), 0, []
@@ -443,8 +472,8 @@ def extract(
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     src = limit_source(source if isinstance(source, ImageSource) else open_source(source, split), limit)
     if decode == "auto" and (model.name, dataset, split) in cache and not overwrite:
-        started = cache.group(model.name, dataset, split).attrs.get("preprocess", {})
-        decode = "device" if "decode" in started and src.has_bytes else "workers"
+        started = started_decode(cache.group(model.name, dataset, split).attrs.get("preprocess", {}))
+        decode = started if src.has_bytes else "workers"
     decode = resolve_decode(decode, device, src)
     kinds, view = expand(features, layers), check_view(views)
     attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view)
@@ -532,7 +561,7 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
     device = resolve_device(device)
     started = time.perf_counter()
     skipped = run_batches(model, groups, src, batches, device=device,
-                          workers=os.cpu_count() or 1 if workers is None else workers,
+                          workers=default_workers(decode) if workers is None else workers,
                           on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)
     seconds = time.perf_counter() - started
     result.rows_written = sum(map(len, batches))
