@@ -12,6 +12,7 @@
     (``--trace DIR`` also keeps the Chrome trace), to show what the forward pass waits for.
 
     python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR]
+    python bench/gpu.py --device cpu --model timm:test_vit@random --images 2048 --batch-size 64
 """
 
 from __future__ import annotations
@@ -36,17 +37,19 @@ def bare(backbone, batch_size: int, compile: bool, steps: int = 40) -> float:
 
     from backbench.extract.run import forward_step
 
-    backbone.model.to("cuda", memory_format=torch.channels_last)
-    step = forward_step(backbone, "cuda", compile)
+    cuda = DEVICE == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    backbone.model.to(DEVICE, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    step = forward_step(backbone, DEVICE, compile)
     c, h, w = backbone.preprocess.input_size
-    x = torch.randint(0, 256, (batch_size, c, h, w), dtype=torch.uint8, device="cuda")
+    x = torch.randint(0, 256, (batch_size, c, h, w), dtype=torch.uint8, device=DEVICE)
     with torch.inference_mode():
         for i in range(steps + 5):
             if i == 5:
-                torch.cuda.synchronize()
+                sync()
                 start = time.perf_counter()
             feats, _ = step(x)
-        torch.cuda.synchronize()
+        sync()
     backbone.model.to("cpu")
     return steps * batch_size / (time.perf_counter() - start)
 
@@ -155,8 +158,7 @@ def end_to_end(bb, root: Path, folder: Path, batch_size: int, decode: str, compi
 
 
 def profile_device_decode(bb, root: Path, folder: Path, batch_size: int, keep: Path | None) -> dict:
-    """A profiler trace of batches 6-10 of ``extract --decode device``, summarized."""
-    import torch
+    """A profiler trace of batches 7-11 of ``extract --decode device``, summarized."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     trace = (keep or folder) / "device-decode.trace.json"
@@ -231,21 +233,26 @@ def main() -> None:
     p.add_argument("--model", default="timm:vit_base_patch16_224@random")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--trace", type=Path, help="keep the profiler's Chrome trace in this folder")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: the three extractions against the bare CPU forward only (a smoke run)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     import torch
 
     from backbench.extract.backbones import load_backbone
 
-    assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine"
+    global DEVICE
+    DEVICE = args.device
+    assert DEVICE == "cpu" or torch.cuda.is_available(), "no CUDA device: run this on a GPU machine (or --device cpu)"
     torch.backends.cuda.matmul.allow_tf32 = True
-    res: dict = {"bench": "gpu", "card": torch.cuda.get_device_name(), "model": args.model,
+    cuda = DEVICE == "cuda"
+    res: dict = {"bench": "gpu", "card": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                  "batch_size": args.batch_size, "images": args.images, "cores": os.cpu_count(),
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
     def report(key, value):
         res[key] = value
-        print(f"{key:28s} {value}", flush=True)
+        print(f"{key:32s} {value}", flush=True)
 
     folder = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
@@ -254,18 +261,20 @@ def main() -> None:
         t = time.perf_counter()
         root = photo_like_jpegs(args.images, folder)
         report("jpeg_files_written_s", round(time.perf_counter() - t, 1))
-        report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
-        report("gpu_decode_resize_images_per_s", round(decode_resize_only(bb, root, args.batch_size), 1))
-        report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
+        if cuda:
+            report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
+            report("gpu_decode_resize_images_per_s", round(decode_resize_only(bb, root, args.batch_size), 1))
+            report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
         for decode, n in (("device", None), ("mixed", None), ("workers", args.images // 2)):
-            report(f"extract_{decode}_decode", end_to_end(bb, root, folder, args.batch_size, decode, False, n))
-            res[f"ratio_{decode}"] = round(res[f"extract_{decode}_decode"]["wall_images_per_s"]
-                                           / res["bare_images_per_s"], 3)
-            report(f"ratio_{decode}", res[f"ratio_{decode}"])
+            e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
+            report(f"extract_{decode}_decode", e2e)
+            report(f"ratio_{decode}", round(e2e["wall_images_per_s"] / res["bare_images_per_s"], 3))
+            report(f"ratio_{decode}_steady", round(e2e["steady_images_per_s"] / res["bare_images_per_s"], 3))
             if args.json:
                 args.json.write_text(json.dumps(res, indent=2))
-        report("trace_device_decode", profile_device_decode(bb, root, folder, args.batch_size, args.trace))
-        if not args.no_compile:
+        if cuda:
+            report("trace_device_decode", profile_device_decode(bb, root, folder, args.batch_size, args.trace))
+        if cuda and not args.no_compile:
             t = time.perf_counter()
             report("bare_compiled_images_per_s", round(bare(bb, args.batch_size, True), 1))
             report("compile_and_bare_s", round(time.perf_counter() - t, 1))

@@ -126,12 +126,13 @@ class DeviceDecoder:
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
 
-    def __call__(self, indices: list[int], payloads: list[Any]):
+    def __call__(self, indices: list[int], payloads: list[Any], stacked=None):
         """(uint8 NCHW batch on the device, {position: error}) for one batch of payloads.
 
         JPEG payloads (1-D byte tensors) are decoded on the device; the rest arrive decoded
-        from the workers. A JPEG the device refuses goes through the CPU path, whose error
-        (if any) is the sample's error, exactly as with worker decoding.
+        from the workers (``stacked``: the same images already in one tensor, in order) and
+        reach the device in one copy. A JPEG the device refuses goes through the CPU path,
+        whose error (if any) is the sample's error, exactly as with worker decoding.
         """
         import torch
 
@@ -151,21 +152,26 @@ class DeviceDecoder:
         out = torch.empty((len(payloads), 3, h, w), dtype=torch.uint8, device=self.device)
         if decoded:
             out[torch.as_tensor(list(decoded), device=self.device)] = self._resize_crop(list(decoded.values()))
+        cpu = [i for i, p in enumerate(payloads) if p.ndim != 1]
+        if cpu:
+            self._put(out, cpu, stacked if stacked is not None else torch.stack([payloads[i] for i in cpu]))
         errors: dict[int, str] = {}
-        ready: dict[int, Any] = {}  # decoded on the CPU (by the workers, or here as a fallback)
-        for i, p in enumerate(payloads):
-            if i in decoded:
-                continue
-            if p.ndim == 1:  # refused by the device
+        refused = {}  # by the device: decoded on the CPU here, or the sample's error
+        for i in jpeg:
+            if i not in decoded:
                 try:
-                    p = self.fallback(indices[i])
+                    refused[i] = self.fallback(indices[i])
                 except Exception as exc:
                     errors[i] = str(exc) or type(exc).__name__
-                    p = torch.zeros((3, h, w), dtype=torch.uint8)
-            ready[i] = p
-        if ready:  # one host-to-device copy for all of them
-            host = torch.stack(list(ready.values()))
-            if self.device.startswith("cuda"):
-                host = host.pin_memory()
-            out[torch.as_tensor(list(ready), device=self.device)] = host.to(self.device, non_blocking=True)
+                    refused[i] = torch.zeros((3, h, w), dtype=torch.uint8)
+        if refused:
+            self._put(out, list(refused), torch.stack(list(refused.values())))
         return out, errors
+
+    def _put(self, out, positions: list[int], host) -> None:
+        """Copy host images into ``out`` at ``positions`` (pinned, one copy)."""
+        import torch
+
+        if self.device.startswith("cuda") and not host.is_pinned():
+            host = host.pin_memory()
+        out[torch.as_tensor(positions, device=self.device)] = host.to(self.device, non_blocking=True)

@@ -338,7 +338,8 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
             writer.add(rows, feats[kind].numpy(), labels, out.numpy() if out is not None else None)
 
     try:
-        batches_in = _loader(source, backbone, batches, workers, pin=cuda and decoder is None, decode=decode)
+        # pinned batches (on the loader's pinning thread) unless all of it is bytes for the device
+        batches_in = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
         if decoder is not None:
             batches_in = _decode_ahead(batches_in, decoder, side, compute)
         for index, x, errors in batches_in:
@@ -384,7 +385,7 @@ def _decode_ahead(loader, decoder, side, compute=None):
 
     def work(index, packed, errors):
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            x, late = decoder(index.tolist(), _unpack(packed))
+            x, late = decoder(index.tolist(), _unpack(packed), stacked=packed[3])
             ready = side.record_event() if side is not None else None
         return index, x, [late.get(i, e) for i, e in enumerate(errors)], ready
 
