@@ -70,7 +70,8 @@ def test_resume_keeps_its_decoding_and_refuses_another(jpegs, cache_path):
     extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device", workers=0)
     again = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", workers=0)  # auto
     assert again.status == "up-to-date"
-    with pytest.raises(CacheMismatch, match="preprocess"):
+    with pytest.raises(CacheMismatch, match=r"different preprocess \(decode: stored 'torchvision-cpu', "
+                                            r"asked for none\); pass --overwrite"):
         extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="workers",
                 workers=0)
 
@@ -107,7 +108,7 @@ def test_mixed_decode_extracts_the_same_features_records_it_and_resumes_with_it(
     assert gm.attrs["extraction"]["decode"] == "mixed"
     assert extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="mixed",
                    workers=0).status == "up-to-date"  # auto keeps the decoding it started with
-    with pytest.raises(CacheMismatch, match="preprocess"):
+    with pytest.raises(CacheMismatch, match=r"decode: stored 'torchvision-cpu\+workers', asked for 'torchvision-cpu'"):
         extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="mixed", decode="device",
                 workers=0)
 

@@ -103,7 +103,22 @@ def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: st
 
 
 def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in PROVENANCE_KEYS if old.get(k) != new.get(k)]
+    """The provenance keys that differ; for a record (the preprocessing), which of its fields
+    differ and how: ``preprocess (decode: stored 'torchvision-cuda', asked for none)``."""
+    out = []
+    for k in PROVENANCE_KEYS:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            def show(d, f):
+                return repr(d[f]) if f in d else "none"
+
+            fields = [f"{f}: stored {show(a, f)}, asked for {show(b, f)}" for f in sorted({*a, *b})
+                      if a.get(f) != b.get(f)]
+            k = f"{k} ({'; '.join(fields)})"
+        out.append(k)
+    return out
 
 
 def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_classes: int,
