@@ -66,15 +66,15 @@ class IdleBudget:
     """
 
     def __init__(self, clock=time.perf_counter) -> None:
-        self.clock, self.budget, self.used, self.busy, self.began, self.last_end = clock, 0.0, 0.0, 0.0, 0.0, None
+        self.clock, self.used, self.busy, self.began, self.last_end = clock, 0.0, 0.0, 0.0, None
 
     def start(self) -> float:
-        now = self.clock()
-        if self.last_end is not None:
-            idle = now - self.last_end
-            self.budget = self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
-        self.began = now
-        return self.budget
+        """This batch's budget in seconds; call :meth:`end` with what was used."""
+        now, last_end, self.began = self.clock(), self.last_end, self.clock()
+        if last_end is None:
+            return 0.0
+        idle = now - last_end
+        return self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
 
     def end(self, used: float) -> None:
         self.used, self.last_end = used, self.clock()

@@ -102,6 +102,10 @@ def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: st
     }
 
 
+def _shown(record: dict[str, Any], field: str) -> str:
+    return repr(record[field]) if field in record else "none"
+
+
 def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The provenance keys that differ; for a record (the preprocessing), which of its fields
     differ and how: ``preprocess (decode: stored 'torchvision-cuda', asked for none)``."""
@@ -111,11 +115,8 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            def show(d, f):
-                return repr(d[f]) if f in d else "none"
-
-            fields = [f"{f}: stored {show(a, f)}, asked for {show(b, f)}" for f in sorted({*a, *b})
-                      if a.get(f) != b.get(f)]
+            fields = [f"{f}: stored {_shown(a, f)}, asked for {_shown(b, f)}"
+                      for f in sorted({*a, *b}) if a.get(f) != b.get(f)]
             k = f"{k} ({'; '.join(fields)})"
         out.append(k)
     return out
@@ -182,16 +183,17 @@ class _Images:
         here until the worker's idle-time budget is spent."""
         from torch.utils.data import get_worker_info
 
-        items = [self[i] for i in indices]
         if self.budget is None or get_worker_info() is None:  # the main process never decodes ahead
-            return items
-        budget, start = self.budget.start(), time.perf_counter()
-        for k, (index, payload, error) in enumerate(items):
-            if time.perf_counter() - start >= budget:
-                break
-            if payload.ndim == 1 and not error:
-                items[k] = self.__getitem__(index, cpu=True)
-        self.budget.end(time.perf_counter() - start)
+            return [self[i] for i in indices]
+        budget, used, items = self.budget.start(), 0.0, []
+        for i in indices:
+            if used < budget:
+                start = time.perf_counter()
+                items.append(self.__getitem__(i, cpu=True))
+                used += time.perf_counter() - start
+            else:
+                items.append(self[i])
+        self.budget.end(used)
         return items
 
 
