@@ -92,25 +92,38 @@ def decode_only(root: Path, batch_size: int) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
-def decode_and_forward(bb, root: Path, batch_size: int) -> float:
-    """Images/s of GPU decode + resize + forward over JPEG bytes already in memory (no loader)."""
+def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False) -> float:
+    """Images/s of GPU decode + resize + forward over JPEG bytes already in memory (no loader,
+    no copies back, no writes): one after the other, or ``overlapped`` as extraction runs them
+    (decoding one batch ahead on a thread and side stream, the forward pass on its own
+    high-priority stream)."""
     import torch
 
     from backbench.extract.decode import DeviceDecoder
-    from backbench.extract.run import forward_step
+    from backbench.extract.run import _collate_packed, _decode_ahead, forward_step
 
+    cuda = DEVICE == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     files = sorted(root.rglob("*.jpg"))[: batch_size * 12]
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
-    bb.model.to("cuda", memory_format=torch.channels_last)
-    decoder, step = DeviceDecoder(bb.preprocess, "cuda", None), forward_step(bb, "cuda")
-    with torch.inference_mode():
-        for i in range(0, len(data), batch_size):
-            if i == 2 * batch_size:
-                torch.cuda.synchronize()
+    bb.model.to(DEVICE, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    decoder, step = DeviceDecoder(bb.preprocess, DEVICE, None), forward_step(bb, DEVICE)
+    side = torch.cuda.Stream() if cuda and overlapped else None
+    compute = torch.cuda.Stream(priority=-1) if cuda and overlapped else None
+    if overlapped:
+        packed = (_collate_packed([(i, d, "") for i, d in enumerate(data[j : j + batch_size], j)])
+                  for j in range(0, len(data), batch_size))
+        batches = (x for _, x, _ in _decode_ahead(packed, decoder, side, compute))
+    else:
+        batches = (decoder(list(range(batch_size)), data[i : i + batch_size])[0]
+                   for i in range(0, len(data), batch_size))
+    with torch.inference_mode(), torch.cuda.stream(compute):  # no stream: the current one
+        for i, x in enumerate(batches):
+            if i == 2:
+                sync()
                 start = time.perf_counter()
-            x, _ = decoder(list(range(batch_size)), data[i : i + batch_size])
             step(x)
-        torch.cuda.synchronize()
+        sync()
     bb.model.to("cpu")
     return (len(data) - 2 * batch_size) / (time.perf_counter() - start)
 
@@ -265,6 +278,8 @@ def main() -> None:
             report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
             report("gpu_decode_resize_images_per_s", round(decode_resize_only(bb, root, args.batch_size), 1))
             report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
+            report("decode_and_forward_overlapped_images_per_s",
+                   round(decode_and_forward(bb, root, args.batch_size, overlapped=True), 1))
         for decode, n in (("device", None), ("mixed", None), ("workers", args.images // 2)):
             e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
             report(f"extract_{decode}_decode", e2e)
