@@ -277,9 +277,9 @@ def main() -> None:
         if cuda:
             report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
             report("gpu_decode_resize_images_per_s", round(decode_resize_only(bb, root, args.batch_size), 1))
-            report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
-            report("decode_and_forward_overlapped_images_per_s",
-                   round(decode_and_forward(bb, root, args.batch_size, overlapped=True), 1))
+        report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
+        report("decode_and_forward_overlapped_images_per_s",
+               round(decode_and_forward(bb, root, args.batch_size, overlapped=True), 1))
         for decode, n in (("device", None), ("mixed", None), ("workers", args.images // 2)):
             e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
             report(f"extract_{decode}_decode", e2e)
