@@ -93,22 +93,30 @@ def decode_only(root: Path, batch_size: int) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
-def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False) -> float:
+def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False, drain: bool = True,
+                       check: bool = False) -> dict:
     """Images/s of GPU decode + resize + forward over JPEG bytes already in memory (no loader,
-    no copies back, no writes): one after the other, or ``overlapped`` as extraction runs them
+    no copies back, no writes): one after the other, or ``overlapped`` as extraction runs it
     (decoding one batch ahead on a thread and side stream, the forward pass on its own
-    high-priority stream)."""
+    high-priority stream). ``drain=False`` drops the stream drain that guards against
+    torchvision's CUDA decoder overwriting memory still in use (see DeviceDecoder._decode);
+    ``check`` compares every decoded image with the workers' CPU decoding of the same file
+    (files shuffled, so that consecutive batches differ)."""
     import torch
 
     from backbench.extract.decode import DeviceDecoder
+    from backbench.extract.data import _open_rgb
     from backbench.extract.run import _collate_packed, _decode_ahead, forward_step
 
     cuda = DEVICE == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    files = sorted(root.rglob("*.jpg"))[: batch_size * 12]
+    files = sorted(root.rglob("*.jpg"))
+    if check:
+        files = [files[i] for i in np.random.default_rng(1).permutation(len(files))]
+    files = files[: batch_size * 12]
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     bb.model.to(DEVICE, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    decoder, step = DeviceDecoder(bb.preprocess, DEVICE, None), forward_step(bb, DEVICE)
+    decoder, step = DeviceDecoder(bb.preprocess, DEVICE, None, drain=drain), forward_step(bb, DEVICE)
     side = torch.cuda.Stream() if cuda and overlapped else None
     compute = torch.cuda.Stream(priority=-1) if cuda and overlapped else None
     if overlapped:
@@ -118,15 +126,25 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
     else:
         batches = (decoder(list(range(batch_size)), data[i : i + batch_size])[0]
                    for i in range(0, len(data), batch_size))
+    kept = []
     with torch.inference_mode(), torch.cuda.stream(compute):  # no stream: the current one
         for i, x in enumerate(batches):
             if i == 2:
                 sync()
                 start = time.perf_counter()
             step(x)
+            if check:
+                kept.append(x.clone())
         sync()
+    out: dict = {"images_per_s": round((len(data) - 2 * batch_size) / (time.perf_counter() - start), 1)}
     bb.model.to("cpu")
-    return (len(data) - 2 * batch_size) / (time.perf_counter() - start)
+    if check:
+        tf = bb.preprocess.to_uint8()
+        got = torch.cat(kept).cpu()
+        diff = [(got[i].int() - tf(_open_rgb(f)).int()).abs().float().mean().item() for i, f in enumerate(files)]
+        out.update(images_checked=len(diff), worst_mean_abs_diff=round(max(diff), 2),
+                   images_over_8=sum(d > 8 for d in diff))
+    return out
 
 
 def decode_resize_only(bb, root: Path, batch_size: int) -> float:
@@ -278,9 +296,10 @@ def main() -> None:
         if cuda:
             report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
             report("gpu_decode_resize_images_per_s", round(decode_resize_only(bb, root, args.batch_size), 1))
-        report("decode_and_forward_images_per_s", round(decode_and_forward(bb, root, args.batch_size), 1))
-        report("decode_and_forward_overlapped_images_per_s",
-               round(decode_and_forward(bb, root, args.batch_size, overlapped=True), 1))
+        report("decode_and_forward", decode_and_forward(bb, root, args.batch_size))
+        for drain in (True, False):  # with and without the guard against decode_jpeg's write hazard
+            report(f"decode_and_forward_overlapped_drain_{int(drain)}",
+                   decode_and_forward(bb, root, args.batch_size, overlapped=True, drain=drain, check=True))
         for decode, n in (("device", None), ("mixed", None), ("workers", args.images // 2)):
             e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
             report(f"extract_{decode}_decode", e2e)

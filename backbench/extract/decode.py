@@ -101,9 +101,10 @@ def jpeg_payload(data: bytes):
 class DeviceDecoder:
     """Batches of (JPEG bytes | decoded uint8 CHW) -> one uint8 NCHW batch on ``device``."""
 
-    def __init__(self, preprocess: Preprocess, device: str, fallback) -> None:
+    def __init__(self, preprocess: Preprocess, device: str, fallback, drain: bool = True) -> None:
         self.preprocess, self.device = preprocess, device
         self.fallback = fallback  # index -> uint8 CHW tensor by the CPU path (raises SampleError)
+        self.drain = drain and device.startswith("cuda")  # False only to measure the hazard (bench/gpu.py)
 
     def _resize_crop(self, images: list[Any]):
         """Resize/crop each image as the workers would, batching images of equal size."""
@@ -120,8 +121,16 @@ class DeviceDecoder:
         return out
 
     def _decode(self, data):
+        import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.drain:
+            # torchvision's CUDA decoder allocates its outputs on the current stream but nvJPEG
+            # writes them from its own stream without waiting for this one (the hardware engine
+            # ignores stream order: pytorch/vision#9606, meta-pytorch/torchcodec#1634), so it can
+            # be handed, and overwrite, memory that queued kernels (the last batch's resize) still
+            # read. Drain the stream first; this thread runs a batch ahead, so little is lost.
+            torch.cuda.current_stream(self.device).synchronize()
         with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg works as before
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
