@@ -97,8 +97,8 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
                        check: bool = False) -> dict:
     """Images/s of GPU decode + resize + forward over JPEG bytes already in memory (no loader,
     no copies back, no writes): one after the other, or ``overlapped`` as extraction runs it
-    (decoding one batch ahead on a thread and side stream, the forward pass on its own
-    high-priority stream). ``drain=False`` drops the stream drain that guards against
+    (decoding one batch ahead on a thread and a high-priority side stream, the forward pass
+    on its own stream). ``drain=False`` drops the stream drain that guards against
     torchvision's CUDA decoder overwriting memory still in use (see DeviceDecoder._decode);
     ``check`` compares every decoded image with the workers' CPU decoding of the same file
     (files shuffled, so that consecutive batches differ)."""
@@ -117,8 +117,8 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     bb.model.to(DEVICE, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     decoder, step = DeviceDecoder(bb.preprocess, DEVICE, None, drain=drain), forward_step(bb, DEVICE)
-    side = torch.cuda.Stream() if cuda and overlapped else None
-    compute = torch.cuda.Stream(priority=-1) if cuda and overlapped else None
+    side = torch.cuda.Stream(priority=-1) if cuda and overlapped else None
+    compute = torch.cuda.Stream() if cuda and overlapped else None
     if overlapped:
         packed = (_collate_packed([(i, d, "") for i, d in enumerate(data[j : j + batch_size], j)])
                   for j in range(0, len(data), batch_size))

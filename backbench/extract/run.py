@@ -335,11 +335,12 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
     step = forward_step(backbone, device, compile, list(groups), view)
     decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
                if decode in ("device", "mixed") else None)
-    side = torch.cuda.Stream() if cuda and decoder is not None else None
-    # The forward pass runs on its own (non-blocking) stream, so work that a library queues on
-    # the legacy default stream (nvJPEG in some torchvision versions) cannot serialize with it,
-    # at high priority, so decoding the next batch fills the SMs it leaves idle.
-    compute = torch.cuda.Stream(priority=-1) if side is not None else None
+    # Decoding (a batch ahead) gets a high-priority stream: its few short kernels are what the
+    # next forward pass waits for, so they go first rather than queue behind the current
+    # forward pass's blocks. The forward pass runs on its own (non-blocking) stream, so work
+    # that a library queues on the legacy default stream cannot serialize with it.
+    side = torch.cuda.Stream(priority=-1) if cuda and decoder is not None else None
+    compute = torch.cuda.Stream() if side is not None else None
     if compute is not None:
         compute.wait_stream(torch.cuda.current_stream())
     total, done, skipped = sum(map(len, batches)), 0, []
