@@ -76,13 +76,14 @@ def test_resume_keeps_its_decoding_and_refuses_another(jpegs, cache_path):
                 workers=0)
 
 
-def test_device_decode_names_a_truncated_jpeg(jpegs, cache_path):
+@pytest.mark.parametrize("decode", ["device", "mixed"])
+def test_device_decode_names_a_truncated_jpeg(jpegs, cache_path, decode):
     data = (jpegs / "a" / "0.jpg").read_bytes()
     (jpegs / "a" / "0.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(SampleError, match=r"a/0\.jpg.*truncated.*--on-error skip"):
-        extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device",
-                workers=0)
-    res = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device",
+        extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode=decode,
+                workers=0 if decode == "device" else 1)
+    res = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode=decode,
                   workers=0, on_error="skip")
     assert [s["id"] for s in res.skipped] == ["a/0.jpg"]
 
@@ -136,6 +137,11 @@ def test_a_mixed_worker_decodes_its_batch_within_budget_and_sends_the_rest_as_by
     ds.budget = IdleBudget()  # a first batch has no budget
     (_, packed, _), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
     assert packed[0].tolist() == [True] * 5 + [False, False]
+    data = (jpegs / "a" / "0.jpg").read_bytes()  # a broken file decoded in the worker: the workers' error
+    (jpegs / "a" / "0.jpg").write_bytes(data[: len(data) // 2])
+    ds.budget = _Unlimited()
+    (_, packed, errors), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
+    assert "truncated" in errors[0] and not any(errors[1:])
 
 
 def test_idle_budget_grows_with_idle_time_and_shrinks_when_the_worker_is_the_bottleneck():
