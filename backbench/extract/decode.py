@@ -27,6 +27,7 @@ from backbench.errors import BackbenchError
 from backbench.extract.preprocess import Preprocess
 
 DECODES = ("auto", "workers", "device", "mixed")
+ON_DEVICE = ("device", "mixed")  # the decodings that send JPEG bytes to the device
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -36,7 +37,7 @@ def resolve_decode(decode: str, device: str, source) -> str:
         raise BackbenchError(f"--decode {decode!r} is not one of {', '.join(DECODES)}")
     if decode == "auto":
         return "device" if device.startswith("cuda") and source.has_bytes else "workers"
-    if decode in ("device", "mixed") and not source.has_bytes:
+    if decode in ON_DEVICE and not source.has_bytes:
         raise BackbenchError(f"--decode {decode} needs image files; {source.spec.split(':')[0]} images are "
                              f"decoded in the workers (use --decode workers)")
     return decode

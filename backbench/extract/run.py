@@ -21,7 +21,8 @@ import numpy as np
 from backbench.errors import CacheError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
-from backbench.extract.decode import DeviceDecoder, IdleBudget, jpeg_payload, provenance, resolve_decode, started_decode
+from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, IdleBudget, jpeg_payload, provenance, resolve_decode,
+                                     started_decode)
 from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache
@@ -170,7 +171,7 @@ class _Images:
         import torch
 
         try:
-            if self.decode in ("device", "mixed") and not cpu:
+            if self.decode in ON_DEVICE and not cpu:
                 payload = jpeg_payload(self.source.read_bytes(index))
                 if payload is not None:
                     return index, payload, ""
@@ -279,7 +280,7 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
 
     ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode)
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
-    if decode in ("device", "mixed"):
+    if decode in ON_DEVICE:
         kw["collate_fn"] = _collate_packed
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
 
@@ -334,7 +335,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
     model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     step = forward_step(backbone, device, compile, list(groups), view)
     decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
-               if decode in ("device", "mixed") else None)
+               if decode in ON_DEVICE else None)
     # Decoding (a batch ahead) gets a high-priority stream: its few short kernels are what the
     # next forward pass waits for, so they go first rather than queue behind the current
     # forward pass's blocks. The forward pass runs on its own (non-blocking) stream, so work
