@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,29 @@ def test_two_extractions_at_once_give_one_correct_cache(tmp_path):
         np.testing.assert_array_equal(a[name][:], b[name][:])
     said = " ".join(o + e for o, e in outs)
     assert "nothing to do" in said or "waiting" in said
+
+
+def test_a_new_cache_opened_by_many_at_once_opens_for_all(tmp_path):
+    """zarr's open_group(mode="a") looks, then creates: a second creator in between got
+    ContainsGroupError (two `backbench extract` runs into a new cache failed one time in five)."""
+    for attempt in range(10):
+        path, errors = str(tmp_path / f"c{attempt}.zarr"), []
+        barrier = threading.Barrier(8)
+
+        def open_it():
+            barrier.wait()
+            try:
+                Cache(path)
+            except Exception as exc:  # noqa: BLE001 - any failure is the bug
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert Cache(path, mode="r").root.attrs["backbench"] == "feature cache"
 
 
 _APPEND = """

@@ -127,7 +127,7 @@ class Cache:
     def __init__(self, path: str | os.PathLike | None = None, *, mode: str = "a",
                  storage_options: dict[str, Any] | None = None) -> None:
         import zarr
-        from zarr.errors import GroupNotFoundError
+        from zarr.errors import ContainsGroupError, GroupNotFoundError
 
         self.path = default_cache_path(path)
         self.scheme = url_scheme(self.path)
@@ -144,7 +144,10 @@ class Cache:
             if self.scheme is not None:
                 _check_filesystem(self.scheme)
                 store = _url_store(self.path, self.scheme, self.read_only, storage_options)
-            self.root = zarr.open_group(store, mode="r" if self.read_only else mode)
+            try:
+                self.root = zarr.open_group(store, mode="r" if self.read_only else mode)
+            except ContainsGroupError:  # another process created the cache between zarr's look and its create
+                self.root = zarr.open_group(store, mode="r+")
         except BackbenchError:
             raise
         except (GroupNotFoundError, FileNotFoundError):
