@@ -185,8 +185,11 @@ def end_to_end(bb, root: Path, folder: Path, batch_size: int, decode: str, compi
     shutil.rmtree(cache, ignore_errors=True)
     t0, n0 = next(m for m in marks if m[1] >= res.rows_written // 2)
     steady = (marks[-1][1] - n0) / max(marks[-1][0] - t0, 1e-9)
-    return {"images": res.rows_written, "wall_images_per_s": round(res.rows_written / wall, 1),
-            "steady_images_per_s": round(steady, 1)}
+    out = {"images": res.rows_written, "wall_images_per_s": round(res.rows_written / wall, 1),
+           "steady_images_per_s": round(steady, 1)}
+    if res.decoded_on_device is not None:
+        out["decoded_on_device"] = round(res.decoded_on_device / res.rows_written, 3)
+    return out
 
 
 def profile_device_decode(bb, root: Path, folder: Path, batch_size: int, keep: Path | None) -> dict:

@@ -58,8 +58,10 @@ def test_device_decode_extracts_the_same_features_and_records_it(jpegs, cache_pa
     b = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="device",
                 decode="device", workers=2, batch_size=3)
     assert a.rows_written == b.rows_written == 7
+    assert (a.decoded_on_device, b.decoded_on_device) == (None, 5)  # not the PNG, not the CMYK JPEG
     cache = Cache(cache_path, mode="r")
     gw, gd = cache.group(RESNET, "j", "workers"), cache.group(RESNET, "j", "device")
+    assert gd.attrs["extraction"]["decoded_on_device"] == 5
     np.testing.assert_array_equal(gw.features(), gd.features())
     assert "decode" not in gw.attrs["preprocess"]
     assert gd.attrs["preprocess"]["decode"] == "torchvision-cpu"
@@ -88,6 +90,12 @@ def test_device_decode_names_a_truncated_jpeg(jpegs, cache_path, decode):
     assert [s["id"] for s in res.skipped] == ["a/0.jpg"]
 
 
+def test_the_cli_says_how_much_the_device_decoded(jpegs, cache_path, run_cli):
+    code, out, err = run_cli("extract", RESNET, "--data", f"imagefolder:{jpegs}", "--dataset", "j", "--split", "s",
+                             "--decode", "device", "--workers", "0", "--cache", cache_path)
+    assert code == 0 and "extracted 7 rows" in out and "71% decoded on the device" in out
+
+
 def test_device_decode_needs_files(cache_path, run_cli):
     with pytest.raises(BackbenchError, match="--decode device needs image files"):
         extract(RESNET, "digits", cache=cache_path, dataset="d", split="test", decode="device", limit=8)
@@ -101,7 +109,7 @@ def test_mixed_decode_extracts_the_same_features_records_it_and_resumes_with_it(
                 decode="workers", workers=0, batch_size=2)
     b = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="mixed",
                 decode="mixed", workers=2, batch_size=2)
-    assert a.rows_written == b.rows_written == 7
+    assert a.rows_written == b.rows_written == 7 and 0 <= b.decoded_on_device <= 5
     cache = Cache(cache_path, mode="r")
     gm = cache.group(RESNET, "j", "mixed")
     np.testing.assert_array_equal(cache.group(RESNET, "j", "workers").features(), gm.features())

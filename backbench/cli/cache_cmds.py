@@ -178,8 +178,11 @@ def _say_extracted(res) -> None:
     if res.status == "up-to-date":
         out.print(f"{res.backbone} {res.dataset}/{res.split}: already complete ({res.n} rows), nothing to do")
     else:
+        on_device = res.decoded_on_device
         out.print(f"{res.backbone} {res.dataset}/{res.split}: {res.status} {res.rows_written} rows "
                   f"in {res.seconds:.1f}s ({res.images_per_s:.1f} img/s)"
+                  + (f", {on_device / max(res.rows_written, 1):.0%} decoded on the device"
+                     if on_device is not None else "")
                   + (f", skipped {len(res.skipped)}" if res.skipped else ""))
 
 

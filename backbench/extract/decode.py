@@ -106,6 +106,7 @@ class DeviceDecoder:
         self.preprocess, self.device = preprocess, device
         self.fallback = fallback  # index -> uint8 CHW tensor by the CPU path (raises SampleError)
         self.drain = drain and device.startswith("cuda")  # False only to measure the hazard (bench/gpu.py)
+        self.decoded = 0  # images decoded on the device so far
 
     def _resize_crop(self, images: list[Any]):
         """Resize/crop each image as the workers would, batching images of equal size."""
@@ -158,6 +159,7 @@ class DeviceDecoder:
                         decoded[i] = self._decode(payloads[i])
                     except RuntimeError:
                         pass
+        self.decoded += len(decoded)
         h, w = self.preprocess.size
         out = torch.empty((len(payloads), 3, h, w), dtype=torch.uint8, device=self.device)
         if decoded:

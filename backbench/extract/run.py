@@ -44,6 +44,7 @@ class ExtractResult:
     images_per_s: float = 0.0
     skipped: list[dict[str, str]] = field(default_factory=list)
     group: str = ""
+    decoded_on_device: int | None = None  # images the device decoded (device and mixed decoding)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -323,9 +324,11 @@ def forward_step(backbone: Backbone, device: str, compile: bool | str = False, k
 
 def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                 batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
-                decode: str = "workers", compile: bool | str = False, view: str = "center") -> list[dict[str, str]]:
+                decode: str = "workers", compile: bool | str = False,
+                view: str = "center") -> tuple[list[dict[str, str]], int | None]:
     """Forward every batch and hand its rows to the chunk writers (one group per feature kind,
-    the backbone's logits with the pooled one); returns skipped samples."""
+    the backbone's logits with the pooled one); returns the skipped samples and how many
+    images the device decoded (None with worker decoding)."""
     import torch
 
     groups = group if isinstance(group, dict) else {"pooled": group}
@@ -394,7 +397,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
         for writer in writers.values():
             writer.close()
         model.to("cpu")
-    return skipped
+    return skipped, (decoder.decoded if decoder is not None else None)
 
 
 def _decode_ahead(loader, decoder, side, compute=None):
@@ -580,9 +583,9 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
         return result
     device = resolve_device(device)
     started = time.perf_counter()
-    skipped = run_batches(model, groups, src, batches, device=device,
-                          workers=default_workers(decode) if workers is None else workers,
-                          on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)
+    skipped, result.decoded_on_device = run_batches(
+        model, groups, src, batches, device=device, workers=default_workers(decode) if workers is None else workers,
+        on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)
     seconds = time.perf_counter() - started
     result.rows_written = sum(map(len, batches))
     result.seconds, result.images_per_s = seconds, result.rows_written / max(seconds, 1e-9)
@@ -592,6 +595,7 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
         previous = [s for s in g.attrs.get("skipped", []) if s["id"] not in fresh]
         g.finalize({"skipped": previous + skipped,
                     "extraction": {"device": device, "batch_size": batch_size, "decode": decode,
+                                   "decoded_on_device": result.decoded_on_device,
                                    "compile": compile, "images_per_s": round(result.images_per_s, 2)}})
     result.status = "extracted" if all(g.is_complete for g in groups.values()) else "partial"
     return result
