@@ -155,18 +155,34 @@ def test_a_mixed_worker_decodes_its_batch_within_budget_and_sends_the_rest_as_by
 def test_idle_budget_grows_with_idle_time_and_shrinks_when_the_worker_is_the_bottleneck():
     now = [0.0]
     budget = IdleBudget(clock=lambda: now[0])
-    assert budget.start() == 0.0  # pipeline filling
+    assert budget.start() == 0.0 and not budget.allows(0.0, 0.0)  # pipeline filling
     now[0] = 0.1
-    budget.end(0.0)  # 0.1 s busy reading bytes
+    budget.end(0.0, 0)  # 0.1 s busy reading bytes and collating
     now[0] = 0.5  # 0.4 s idle: half of it may go to CPU decoding
     assert budget.start() == pytest.approx(0.2)
     now[0] = 0.8
-    budget.end(0.2)
+    budget.end(0.2, 10)  # ten images, 0.02 s each
+    assert budget.allows(0.18, 0.2) and not budget.allows(0.19, 0.2)
     assert budget.start() == pytest.approx(0.16)  # no idle time: a fifth less
     now[0] = 1.0
-    budget.end(0.16)
+    budget.end(0.16, 8)
     now[0] = 2.0
     assert budget.start() == pytest.approx(0.16 + 0.5)
+    now[0] = 2.7
+    budget.end(0.025, 1)  # a slow image: 0.025 s
+    assert budget.start() == 0.0  # a fifth less (0.02 s) is less than one image: nothing
+
+
+def test_idle_time_counts_from_the_end_of_the_collate():
+    now = [0.0]
+    budget = IdleBudget(clock=lambda: now[0])
+    budget.start()
+    now[0] = 0.1
+    budget.end(0.0, 0)
+    now[0] = 0.3
+    budget.stamp()  # collating took 0.2 s: work, not idle time
+    now[0] = 0.305  # 0.005 s idle < 5% of 0.3 s busy: the worker is the bottleneck
+    assert budget.start() == 0.0
 
 
 def test_compiled_forward_gives_the_same_features(cache_path):

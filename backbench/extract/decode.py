@@ -61,24 +61,38 @@ class IdleBudget:
 
     A worker that sat idle between two batches (the device was the bottleneck) may spend what
     it used last time plus half of that idle time; one that found its next batch waiting (it
-    is the bottleneck) spends a fifth less. So the workers settle where they just keep up,
-    and the device decodes whatever they leave. The first batch (the pipeline filling) gets
-    no budget.
+    is the bottleneck) spends a fifth less, and nothing once that is less than one image. So
+    the workers settle where they just keep up, and the device decodes whatever they leave.
+    The first batch (the pipeline filling) gets no budget. A batch's work ends at
+    :meth:`stamp` (after its collate); idle time counts from there.
     """
 
     def __init__(self, clock=time.perf_counter) -> None:
         self.clock, self.used, self.busy, self.began, self.last_end = clock, 0.0, 0.0, 0.0, None
+        self.per_image = 0.0  # seconds one CPU decode took, last measured
 
     def start(self) -> float:
-        """This batch's budget in seconds; call :meth:`end` with what was used."""
+        """This batch's budget in seconds; call :meth:`end`, then :meth:`stamp`."""
         now, last_end, self.began = self.clock(), self.last_end, self.clock()
         if last_end is None:
             return 0.0
         idle = now - last_end
-        return self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
+        budget = self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
+        return budget if budget >= self.per_image else 0.0
 
-    def end(self, used: float) -> None:
-        self.used, self.last_end = used, self.clock()
+    def allows(self, used: float, budget: float) -> bool:
+        """Whether one more image fits in ``budget`` after ``used`` seconds."""
+        return budget > 0 and used + self.per_image <= budget
+
+    def end(self, used: float, images: int) -> None:
+        """``images`` decoded on the CPU in ``used`` seconds."""
+        self.used = used
+        if images:
+            self.per_image = used / images
+        self.stamp()
+
+    def stamp(self) -> None:
+        self.last_end = self.clock()
         self.busy = self.last_end - self.began
 
 

@@ -187,29 +187,46 @@ class _Images:
 
         if self.budget is None or get_worker_info() is None:  # the main process never decodes ahead
             return [self[i] for i in indices]
-        budget, used, items = self.budget.start(), 0.0, []
+        budget, used, items, cpu = self.budget.start(), 0.0, [], 0
         for i in indices:
-            if used < budget:
+            if self.budget.allows(used, budget):
                 start = time.perf_counter()
                 items.append(self.__getitem__(i, cpu=True))
-                used += time.perf_counter() - start
+                used, cpu = used + time.perf_counter() - start, cpu + 1
             else:
                 items.append(self[i])
-        self.budget.end(used)
+        self.budget.end(used, cpu)
         return items
 
 
 def _collate_packed(batch):
     """Device decoding: a batch's JPEG bytes packed into one tensor (one shared-memory
-    transfer per batch, not one per image), the worker-decoded images stacked into another."""
+    transfer per batch, not one per image), the worker-decoded images stacked into another.
+    In a worker both are built in shared memory, as ``default_collate`` does, so sending them
+    copies nothing; the worker's :class:`IdleBudget` (``mixed``) counts its idle time from here."""
     import torch
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+
+    def join(parts, how, shape):
+        if not parts:
+            return torch.zeros(0, dtype=torch.uint8)
+        out = None
+        if info is not None:  # straight into shared memory, as default_collate does
+            storage = parts[0]._typed_storage()._new_shared(int(np.prod(shape)), device=parts[0].device)
+            out = parts[0].new(storage).resize_(*shape)
+        return how(parts, out=out)
 
     index, payloads, errors = zip(*batch)
     jpeg = [p.ndim == 1 for p in payloads]
-    data = torch.cat([p for p, j in zip(payloads, jpeg) if j]) if any(jpeg) else torch.zeros(0, dtype=torch.uint8)
-    lengths = torch.as_tensor([len(p) for p, j in zip(payloads, jpeg) if j], dtype=torch.int64)
+    raw = [p for p, j in zip(payloads, jpeg) if j]
+    data = join(raw, torch.cat, (sum(len(p) for p in raw),))
+    lengths = torch.as_tensor([len(p) for p in raw], dtype=torch.int64)
     decoded = [p for p, j in zip(payloads, jpeg) if not j]
-    images = torch.stack(decoded) if decoded else torch.zeros(0, dtype=torch.uint8)
+    images = join(decoded, torch.stack, (len(decoded), *decoded[0].shape) if decoded else (0,))
+    if info is not None and getattr(info.dataset, "budget", None) is not None:
+        info.dataset.budget.stamp()
     return torch.as_tensor(index), (torch.as_tensor(jpeg), data, lengths, images), list(errors)
 
 
@@ -329,6 +346,19 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
     """Forward every batch and hand its rows to the chunk writers (one group per feature kind,
     the backbone's logits with the pooled one); returns the skipped samples and how many
     images the device decoded (None with worker decoding)."""
+    import torch
+
+    # Streams, events and copies go to the current device: make it this one (--device cuda:1).
+    with torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext():
+        return _run_batches(backbone, group, source, batches, device=device, workers=workers, on_error=on_error,
+                            progress=progress, decode=decode, compile=compile, view=view)
+
+
+def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
+                 batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
+                 decode: str = "workers", compile: bool | str = False,
+                 view: str = "center") -> tuple[list[dict[str, str]], int | None]:
+    """:func:`run_batches` on its device."""
     import torch
 
     groups = group if isinstance(group, dict) else {"pooled": group}
