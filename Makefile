@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# zarr and its codecs as Python 3.12 wheels in .whl/, for bench/gpu.sh on a GPU machine that
+# has CUDA torch but no package index (carry .whl with the working tree).
+# Same versions as the tested environment, one of each.
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(BIN)/python -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
+		--platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/python -m pip freeze | grep -iE '^(zarr|numcodecs|donfig|google-crc32c)==')
 
 clean:
 	rm -rf $(VENV) features.zarr $(DEMO_CACHE) demo-report.html battle.zarr battle-report.html
