@@ -73,10 +73,10 @@ class IdleBudget:
 
     def start(self) -> float:
         """This batch's budget in seconds; call :meth:`end`, then :meth:`stamp`."""
-        now, last_end, self.began = self.clock(), self.last_end, self.clock()
-        if last_end is None:
+        self.began = self.clock()
+        if self.last_end is None:
             return 0.0
-        idle = now - last_end
+        idle = self.began - self.last_end
         budget = self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
         return budget if budget >= self.per_image else 0.0
 
