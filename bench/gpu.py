@@ -12,7 +12,7 @@
     few batches of ``--decode device`` is summarized per CUDA stream and per host thread
     (``--trace DIR`` also keeps the Chrome trace), to show what the forward pass waits for.
 
-    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR]
+    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR] [--quick]
     python bench/gpu.py --device cpu --model timm:test_vit@random --images 2048 --batch-size 64
 """
 
@@ -191,7 +191,8 @@ def end_to_end(bb, root: Path, folder: Path, batch_size: int, decode: str, compi
     t0, n0 = next(m for m in marks if m[1] >= res.rows_written // 2)
     steady = (marks[-1][1] - n0) / max(marks[-1][0] - t0, 1e-9)
     out = {"images": res.rows_written, "wall_images_per_s": round(res.rows_written / wall, 1),
-           "steady_images_per_s": round(steady, 1)}
+           "steady_images_per_s": round(steady, 1), "first_batch_s": round(marks[0][0] - start, 2),
+           "after_last_batch_s": round(start + wall - marks[-1][0], 2)}
     if res.decoded_on_device is not None:
         out["decoded_on_device"] = round(res.decoded_on_device / res.rows_written, 3)
     return out
@@ -275,6 +276,8 @@ def main() -> None:
     p.add_argument("--trace", type=Path, help="keep the profiler's Chrome trace in this folder")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: the three extractions against the bare CPU forward only (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="only the bare forward and the device and mixed extractions (about a minute)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     import torch
@@ -301,26 +304,28 @@ def main() -> None:
         t = time.perf_counter()
         root = photo_like_jpegs(args.images, folder)
         report("jpeg_files_written_s", round(time.perf_counter() - t, 1))
-        if cuda:
+        if cuda and not args.quick:
             report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
             report("gpu_decode_resize_images_per_s", round(decode_resize_only(bb, root, args.batch_size), 1))
-        report("decode_and_forward", decode_and_forward(bb, root, args.batch_size))
-        for drain in (True, False):  # with and without the guard against decode_jpeg's write hazard
-            report(f"decode_and_forward_overlapped_drain_{int(drain)}",
-                   decode_and_forward(bb, root, args.batch_size, overlapped=True, drain=drain, check=True))
-        for decode, n in (("device", None), ("mixed", None), ("workers", args.images // 2)):
+        if not args.quick:
+            report("decode_and_forward", decode_and_forward(bb, root, args.batch_size))
+            for drain in (True, False):  # with and without the guard against decode_jpeg's write hazard
+                report(f"decode_and_forward_overlapped_drain_{int(drain)}",
+                       decode_and_forward(bb, root, args.batch_size, overlapped=True, drain=drain, check=True))
+        runs = (("device", None), ("mixed", None)) + ((("workers", args.images // 2),) if not args.quick else ())
+        for decode, n in runs:
             e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
             report(f"extract_{decode}_decode", e2e)
             report(f"ratio_{decode}", round(e2e["wall_images_per_s"] / res["bare_images_per_s"], 3))
             report(f"ratio_{decode}_steady", round(e2e["steady_images_per_s"] / res["bare_images_per_s"], 3))
             if args.json:
                 args.json.write_text(json.dumps(res, indent=2))
-        if cuda:
+        if cuda and not args.quick:
             try:  # a machine without CUPTI still gets the other figures
                 report("trace_device_decode", profile_device_decode(bb, root, folder, args.batch_size, args.trace))
             except Exception as exc:
                 report("trace_device_decode", {"error": f"{type(exc).__name__}: {exc}"})
-        if cuda and not args.no_compile:
+        if cuda and not args.no_compile and not args.quick:
             t = time.perf_counter()
             report("bare_compiled_images_per_s", round(bare(bb, args.batch_size, True), 1))
             report("compile_and_bare_s", round(time.perf_counter() - t, 1))

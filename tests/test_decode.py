@@ -6,6 +6,8 @@ CPU; on a GPU the same code path hands the batch to nvJPEG (bench/gpu.py measure
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from PIL import Image
 from backbench.errors import BackbenchError, CacheMismatch, SampleError
 from backbench.extract.backbones import load_backbone
 from backbench.extract.data import Digits, ImageFolder, _open_rgb
-from backbench.extract.decode import DeviceDecoder, IdleBudget, jpeg_payload
+from backbench.extract.decode import DeviceDecoder, LoaderPace, jpeg_payload
 from backbench.extract.run import _collate_packed, _Images, _unpack, extract
 from backbench.store import Cache
 
@@ -122,67 +124,73 @@ def test_mixed_decode_extracts_the_same_features_records_it_and_resumes_with_it(
                 workers=0)
 
 
-class _Unlimited(IdleBudget):
-    def start(self) -> float:
-        return float("inf")
-
-
-def test_a_mixed_worker_decodes_its_batch_within_budget_and_sends_the_rest_as_bytes(jpegs):
-    """In a real DataLoader worker: with budget, every JPEG arrives decoded (the workers'
-    pixels); with none, as bytes; the PNG and the CMYK JPEG are decoded either way."""
+def test_a_mixed_worker_decodes_while_there_is_time_and_sends_the_rest_as_bytes(jpegs):
+    """In a real DataLoader worker: a batch due later than the first round, pace not yet
+    known, arrives decoded (the workers' pixels); a first-round batch, or one already due,
+    as bytes; the PNG and the CMYK JPEG are decoded either way."""
     from torch.utils.data import DataLoader
 
     bb = load_backbone(RESNET)
     src = ImageFolder(jpegs)
     tf = bb.preprocess.to_uint8()
-    ds = _Images(src, tf, bb.preprocess.input_size, "mixed")
     batches = [list(range(len(src)))]
-    ds.budget = _Unlimited()
-    (_, packed, errors), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
+
+    def load(position: int, pace=None):
+        ds = _Images(src, tf, bb.preprocess.input_size, "mixed", positions={0: position})
+        ds.pace = pace or ds.pace
+        (_, packed, errors), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
+        return packed, errors
+
+    packed, errors = load(position=3)
     assert not any(errors) and not packed[0].any()  # nothing left for the device
     for i, img in enumerate(_unpack(packed)):
         assert torch.equal(img, tf(_open_rgb(jpegs / src.ids[i]))), src.ids[i]
-    ds.budget = IdleBudget()  # a first batch has no budget
-    (_, packed, _), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
-    assert packed[0].tolist() == [True] * 5 + [False, False]
+    assert load(position=0)[0][0].tolist() == [True] * 5 + [False, False]  # the first round: bytes
+    pace = LoaderPace()
+    pace.shared[:] = [3, time.monotonic(), 10.0]  # three taken, a batch every 10 s: batch 3 is due
+    assert load(position=3, pace=pace)[0][0].tolist() == [True] * 5 + [False, False]
     data = (jpegs / "a" / "0.jpg").read_bytes()  # a broken file decoded in the worker: the workers' error
     (jpegs / "a" / "0.jpg").write_bytes(data[: len(data) // 2])
-    ds.budget = _Unlimited()
-    (_, packed, errors), = DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=_collate_packed)
+    packed, errors = load(position=3)
     assert "truncated" in errors[0] and not any(errors[1:])
 
 
-def test_idle_budget_grows_with_idle_time_and_shrinks_when_the_worker_is_the_bottleneck():
+def test_loader_pace_is_the_devices_pace_and_a_batch_is_decoded_on_the_cpu_while_it_has_a_batch_to_spare():
     now = [0.0]
-    budget = IdleBudget(clock=lambda: now[0])
-    assert budget.start() == 0.0 and not budget.allows(0.0, 0.0)  # pipeline filling
-    now[0] = 0.1
-    budget.end(0.0, 0)  # 0.1 s busy reading bytes and collating
-    now[0] = 0.5  # 0.4 s idle: half of it may go to CPU decoding
-    assert budget.start() == pytest.approx(0.2)
-    now[0] = 0.8
-    budget.end(0.2, 10)  # ten images, 0.02 s each
-    assert budget.allows(0.18, 0.2) and not budget.allows(0.19, 0.2)
-    assert budget.start() == pytest.approx(0.16)  # no idle time: a fifth less
-    now[0] = 1.0
-    budget.end(0.16, 8)
-    now[0] = 2.0
-    assert budget.start() == pytest.approx(0.16 + 0.5)
-    now[0] = 2.7
-    budget.end(0.025, 1)  # a slow image: 0.025 s
-    assert budget.start() == 0.0  # a fifth less (0.02 s) is less than one image: nothing
+    pace = LoaderPace(clock=lambda: now[0])
+    for t in (0.0, 0.01, 0.2):  # the first takes come in a burst: no measure of the pace
+        now[0] = t
+        pace.took()
+    assert not pace.allows(1, workers=2, per_image=0.0) and pace.allows(2, workers=2, per_image=0.0)
+    now[0] = 0.5
+    pace.took(waited=0.1)  # 0.3 s since the last take, 0.1 s of it waiting for the workers
+    assert pace.shared[:] == [4, 0.5, pytest.approx(0.2)]
+    assert not pace.allows(4, workers=2, per_image=0.0)  # the next batch: no batch to spare
+    assert pace.allows(6, workers=2, per_image=0.35) and not pace.allows(6, workers=2, per_image=0.4)  # due at 0.9
+    now[0] = 0.9
+    pace.took()
+    assert pace.shared[:] == [5, 0.9, pytest.approx(0.75 * 0.2 + 0.25 * 0.4)]  # a moving average
 
 
-def test_idle_time_counts_from_the_end_of_the_collate():
-    now = [0.0]
-    budget = IdleBudget(clock=lambda: now[0])
-    budget.start()
-    now[0] = 0.1
-    budget.end(0.0, 0)
-    now[0] = 0.3
-    budget.stamp()  # collating took 0.2 s: work, not idle time
-    now[0] = 0.305  # 0.005 s idle < 5% of 0.3 s busy: the worker is the bottleneck
-    assert budget.start() == 0.0
+def test_the_workers_see_the_main_processs_takes():
+    import multiprocessing
+
+    pace = LoaderPace()
+    ctx = multiprocessing.get_context("fork")
+    seen = ctx.Queue()
+
+    def worker():
+        deadline = time.monotonic() + 30
+        while pace.shared[0] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.put(pace.shared[:])
+
+    child = ctx.Process(target=worker)
+    child.start()
+    time.sleep(0.1)
+    pace.took()
+    assert seen.get(timeout=30)[0] == 1
+    child.join()
 
 
 def test_compiled_forward_gives_the_same_features(cache_path):

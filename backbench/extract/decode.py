@@ -9,8 +9,8 @@ device refuses is decoded on the CPU in the main process, so each sample gets th
 treatment (and the same errors) as in ``decode="workers"``.
 
 With ``decode="mixed"`` (DALI's name for its CPU+GPU decoder) the workers also decode on the
-CPU as many of their batch's JPEGs as their idle time allows (:class:`IdleBudget`) and send
-the rest as bytes: where the CPU keeps up on its own the device decodes nothing, and where it
+CPU as many of their batch's JPEGs as they can before the main process needs that batch
+(:class:`LoaderPace`) and send the rest as bytes: where the CPU keeps up on its own the device decodes nothing, and where it
 cannot, the device decodes only what the CPU could not. Which image went which way depends
 on timing; nvJPEG and libjpeg-turbo may differ by a level in a few pixels, so the group
 records ``"decode": "torchvision-cuda+workers"``.
@@ -56,44 +56,44 @@ def started_decode(preprocess: dict) -> str:
     return "workers" if recorded is None else "mixed" if recorded.endswith("+workers") else "device"
 
 
-class IdleBudget:
-    """``decode="mixed"``: the seconds a worker may spend decoding on the CPU in its next batch.
+class LoaderPace:
+    """``decode="mixed"``: when the main process will take each batch from the DataLoader.
 
-    A worker that sat idle between two batches (the device was the bottleneck) may spend what
-    it used last time plus half of that idle time; one that found its next batch waiting (it
-    is the bottleneck) spends a fifth less, and nothing once that is less than one image. So
-    the workers settle where they just keep up, and the device decodes whatever they leave.
-    The first batch (the pipeline filling) gets no budget. A batch's work ends at
-    :meth:`stamp` (after its collate); idle time counts from there.
+    Shared memory between the main process, which calls :meth:`took` as it takes each batch
+    (in order), and the workers, which ask :meth:`allows` before each image they would decode
+    on the CPU. The pace is the device's: the seconds between takes less any time the main
+    process waited for the workers (a moving average from the fourth take on; the first
+    takes come in a burst). Batch ``p`` is then taken about ``(p - taken + 1) * pace`` seconds
+    after the last take; a worker decodes on the CPU while that leaves a batch of spare time,
+    and sends the rest as bytes for the device. So the workers decode everything when they
+    keep up, and the device only what they could not: the split follows the backbone's speed
+    and the CPU's, with nothing to tune. Until the pace is known, the workers' first round
+    of batches goes as bytes (the device starts at once) and later rounds decode on the CPU.
     """
 
-    def __init__(self, clock=time.perf_counter) -> None:
-        self.clock, self.used, self.busy, self.began, self.last_end = clock, 0.0, 0.0, 0.0, None
-        self.per_image = 0.0  # seconds one CPU decode took, last measured
+    def __init__(self, clock=time.monotonic) -> None:
+        import multiprocessing
 
-    def start(self) -> float:
-        """This batch's budget in seconds; call :meth:`end`, then :meth:`stamp`."""
-        self.began = self.clock()
-        if self.last_end is None:
-            return 0.0
-        idle = self.began - self.last_end
-        budget = self.used + idle / 2 if idle > 0.05 * self.busy else 0.8 * self.used
-        return budget if budget >= self.per_image else 0.0
+        self.clock = clock  # time.monotonic is one clock for all the processes of a machine
+        self.shared = multiprocessing.Array("d", 3)  # batches taken, time of the last take, pace (0: unknown)
 
-    def allows(self, used: float, budget: float) -> bool:
-        """Whether one more image fits in ``budget`` after ``used`` seconds."""
-        return budget > 0 and used + self.per_image <= budget
+    def took(self, waited: float = 0.0) -> None:
+        """The main process took its next batch, after waiting ``waited`` seconds for it."""
+        now = self.clock()
+        with self.shared.get_lock():
+            taken, last, pace = self.shared[:]
+            if taken >= 3:
+                gap = max(now - last - waited, 0.0)
+                pace = gap if pace == 0 else 0.75 * pace + 0.25 * gap
+            self.shared[:] = [taken + 1, now, pace]
 
-    def end(self, used: float, images: int) -> None:
-        """``images`` decoded on the CPU in ``used`` seconds."""
-        self.used = used
-        if images:
-            self.per_image = used / images
-        self.stamp()
-
-    def stamp(self) -> None:
-        self.last_end = self.clock()
-        self.busy = self.last_end - self.began
+    def allows(self, position: int, workers: int, per_image: float) -> bool:
+        """Whether a worker may decode one more image (``per_image`` seconds) of batch
+        ``position`` on the CPU and still have the batch ready one batch before it is taken."""
+        taken, last, pace = self.shared[:]
+        if pace == 0:
+            return position >= workers
+        return self.clock() + per_image < last + (position - taken) * pace
 
 
 def jpeg_payload(data: bytes):

@@ -21,7 +21,7 @@ import numpy as np
 from backbench.errors import CacheError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
-from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, IdleBudget, jpeg_payload, provenance, resolve_decode,
+from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, LoaderPace, jpeg_payload, provenance, resolve_decode,
                                      started_decode)
 from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
@@ -69,7 +69,7 @@ def default_batch_size(device: str) -> int:
 
 def default_workers(decode: str) -> int:
     """All cores; with ``decode="mixed"`` two fewer, which the main process's threads (forward,
-    device decoding, writing) keep when the workers decode in their idle time."""
+    device decoding, writing) keep while the workers decode."""
     cores = os.cpu_count() or 1
     return max(1, cores - 2) if decode == "mixed" else cores
 
@@ -157,13 +157,16 @@ class _Images:
 
     With ``decode="device"`` a device-decodable JPEG comes back as its bytes (a 1-D uint8
     tensor) for :class:`~backbench.extract.decode.DeviceDecoder`; everything else is decoded here.
-    With ``decode="mixed"`` a worker also decodes here as many of its batch's JPEGs as its
-    :class:`~backbench.extract.decode.IdleBudget` allows.
+    With ``decode="mixed"`` a worker also decodes here as many of its batch's JPEGs as it can
+    before the main process needs the batch (:class:`~backbench.extract.decode.LoaderPace`);
+    ``positions`` maps each batch's first index to its place in the loader's order.
     """
 
-    def __init__(self, source: ImageSource, transform, shape: tuple[int, int, int], decode: str = "workers") -> None:
+    def __init__(self, source: ImageSource, transform, shape: tuple[int, int, int], decode: str = "workers",
+                 positions: dict[int, int] | None = None) -> None:
         self.source, self.transform, self.shape, self.decode = source, transform, shape, decode
-        self.budget = IdleBudget() if decode == "mixed" else None
+        self.pace = LoaderPace() if decode == "mixed" else None
+        self.positions = positions or {}
 
     def __len__(self) -> int:
         return len(self.source)
@@ -182,20 +185,20 @@ class _Images:
 
     def __getitems__(self, indices: list[int]) -> list:
         """One batch (the DataLoader's batched fetch); in a ``mixed`` worker, JPEGs are decoded
-        here until the worker's idle-time budget is spent."""
+        here while the batch can still be ready a batch ahead of when it is taken."""
         from torch.utils.data import get_worker_info
 
-        if self.budget is None or get_worker_info() is None:  # the main process never decodes ahead
+        info = get_worker_info()
+        if self.pace is None or info is None:  # the main process never decodes ahead
             return [self[i] for i in indices]
-        budget, used, items, cpu = self.budget.start(), 0.0, [], 0
+        position, items, used, cpu = self.positions.get(indices[0], 0), [], 0.0, 0
         for i in indices:
-            if self.budget.allows(used, budget):
+            if self.pace.allows(position, info.num_workers, used / cpu if cpu else 0.0):
                 start = time.perf_counter()
                 items.append(self.__getitem__(i, cpu=True))
                 used, cpu = used + time.perf_counter() - start, cpu + 1
             else:
                 items.append(self[i])
-        self.budget.end(used, cpu)
         return items
 
 
@@ -203,7 +206,7 @@ def _collate_packed(batch):
     """Device decoding: a batch's JPEG bytes packed into one tensor (one shared-memory
     transfer per batch, not one per image), the worker-decoded images stacked into another.
     In a worker both are built in shared memory, as ``default_collate`` does, so sending them
-    copies nothing; the worker's :class:`IdleBudget` (``mixed``) counts its idle time from here."""
+    copies nothing."""
     import torch
     from torch.utils.data import get_worker_info
 
@@ -225,8 +228,6 @@ def _collate_packed(batch):
     lengths = torch.as_tensor([len(p) for p in raw], dtype=torch.int64)
     decoded = [p for p, j in zip(payloads, jpeg) if not j]
     images = join(decoded, torch.stack, (len(decoded), *decoded[0].shape) if decoded else (0,))
-    if info is not None and getattr(info.dataset, "budget", None) is not None:
-        info.dataset.budget.stamp()
     return torch.as_tensor(index), (torch.as_tensor(jpeg), data, lengths, images), list(errors)
 
 
@@ -296,11 +297,26 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
             decode: str = "workers"):
     from torch.utils.data import DataLoader
 
-    ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode)
+    ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode,
+                 positions={b[0]: p for p, b in enumerate(batches)})
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
     if decode in ON_DEVICE:
         kw["collate_fn"] = _collate_packed
-    return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
+    return _paced(loader, ds.pace) if ds.pace is not None and workers else loader
+
+
+def _paced(loader, pace: LoaderPace):
+    """The loader's batches, each take told to the workers' :class:`LoaderPace` (``mixed``)."""
+    batches = iter(loader)
+    while True:
+        asked = pace.clock()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        pace.took(waited=pace.clock() - asked)
+        yield batch
 
 
 def forward_step(backbone: Backbone, device: str, compile: bool | str = False, kinds: list[str] | None = None,
