@@ -170,6 +170,50 @@ def decode_resize_only(bb, root: Path, batch_size: int) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
+class _CallTimes:
+    """Seconds spent in some of ``backbench.extract.run``'s set-up steps (module functions
+    wrapped for the duration), and when the batch loop began, relative to ``start``."""
+
+    NAMES = ("open_source", "open_or_create", "forward_step", "_loader")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def __enter__(self):
+        from backbench.extract import run
+
+        self.saved = {n: getattr(run, n) for n in (*self.NAMES, "_run_batches")}
+        for name in self.NAMES:
+            setattr(run, name, self._timed(name, self.saved[name]))
+        loop = self.saved["_run_batches"]
+
+        def began(*a, **kw):
+            self.seconds["loop_began_at"] = time.perf_counter() - self.start
+            return loop(*a, **kw)
+
+        run._run_batches = began
+        return self
+
+    def _timed(self, name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    def __exit__(self, *exc):
+        from backbench.extract import run
+
+        for name, fn in self.saved.items():
+            setattr(run, name, fn)
+
+    def report(self) -> dict:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
 def end_to_end(bb, root: Path, folder: Path, batch_size: int, decode: str, compile: bool, limit: int | None,
                profiler=None) -> dict:
     from backbench.extract.run import extract
@@ -182,17 +226,21 @@ def end_to_end(bb, root: Path, folder: Path, batch_size: int, decode: str, compi
         if profiler is not None:
             profiler.step()
 
-    start = time.perf_counter()
-    res = extract(bb, f"imagefolder:{root}", cache=str(cache), dataset="gpu", split="bench", batch_size=batch_size,
-                  device=DEVICE, workers=None, decode=decode, compile=compile, limit=limit,
-                  progress=progress)
-    wall = time.perf_counter() - start
+    with _CallTimes() as calls:
+        start = calls.start
+        res = extract(bb, f"imagefolder:{root}", cache=str(cache), dataset="gpu", split="bench",
+                      batch_size=batch_size, device=DEVICE, workers=None, decode=decode, compile=compile,
+                      limit=limit, progress=progress)
+        wall = time.perf_counter() - start
     shutil.rmtree(cache, ignore_errors=True)
     t0, n0 = next(m for m in marks if m[1] >= res.rows_written // 2)
     steady = (marks[-1][1] - n0) / max(marks[-1][0] - t0, 1e-9)
     out = {"images": res.rows_written, "wall_images_per_s": round(res.rows_written / wall, 1),
-           "steady_images_per_s": round(steady, 1), "first_batch_s": round(marks[0][0] - start, 2),
-           "after_last_batch_s": round(start + wall - marks[-1][0], 2)}
+           "steady_images_per_s": round(steady, 1),
+           "until_first_batch_done_s": round(marks[0][0] - start, 2),  # set-up, worker start, first batch
+           "waited_for_first_batch_s": round(res.first_batch_s, 2),  # of which: the loader's first batch
+           "waited_for_later_batches_s": round(res.waited_s, 2),  # the loop idle for want of images
+           "after_last_batch_s": round(start + wall - marks[-1][0], 2), "set_up_s": calls.report()}
     if res.decoded_on_device is not None:
         out["decoded_on_device"] = round(res.decoded_on_device / res.rows_written, 3)
     return out

@@ -147,7 +147,7 @@ def test_a_mixed_worker_decodes_while_there_is_time_and_sends_the_rest_as_bytes(
         assert torch.equal(img, tf(_open_rgb(jpegs / src.ids[i]))), src.ids[i]
     assert load(position=0)[0][0].tolist() == [True] * 5 + [False, False]  # the first round: bytes
     pace = LoaderPace()
-    pace.shared[:] = [3, time.monotonic(), 10.0]  # three taken, a batch every 10 s: batch 3 is due
+    pace.shared[:] = [3, time.monotonic(), 10.0, 1.0]  # three taken, a batch every 10 s: batch 3 is due
     assert load(position=3, pace=pace)[0][0].tolist() == [True] * 5 + [False, False]
     data = (jpegs / "a" / "0.jpg").read_bytes()  # a broken file decoded in the worker: the workers' error
     (jpegs / "a" / "0.jpg").write_bytes(data[: len(data) // 2])
@@ -155,7 +155,7 @@ def test_a_mixed_worker_decodes_while_there_is_time_and_sends_the_rest_as_bytes(
     assert "truncated" in errors[0] and not any(errors[1:])
 
 
-def test_loader_pace_is_the_devices_pace_and_a_batch_is_decoded_on_the_cpu_while_it_has_a_batch_to_spare():
+def test_loader_pace_is_the_devices_pace_and_a_batch_is_decoded_on_the_cpu_while_it_has_batches_to_spare():
     now = [0.0]
     pace = LoaderPace(clock=lambda: now[0])
     for t in (0.0, 0.01, 0.2):  # the first takes come in a burst: no measure of the pace
@@ -164,12 +164,17 @@ def test_loader_pace_is_the_devices_pace_and_a_batch_is_decoded_on_the_cpu_while
     assert not pace.allows(1, workers=2, per_image=0.0) and pace.allows(2, workers=2, per_image=0.0)
     now[0] = 0.5
     pace.took(waited=0.1)  # 0.3 s since the last take, 0.1 s of it waiting for the workers
-    assert pace.shared[:] == [4, 0.5, pytest.approx(0.2)]
-    assert not pace.allows(4, workers=2, per_image=0.0)  # the next batch: no batch to spare
-    assert pace.allows(6, workers=2, per_image=0.35) and not pace.allows(6, workers=2, per_image=0.4)  # due at 0.9
+    assert pace.shared[:] == [4, 0.5, pytest.approx(0.2), 3.0]  # it waited: one more batch to spare
+    # batch 4 is due at 0.7 s; with three batches to spare, batch 7 must be ready by 0.5 + 0.2
+    assert not pace.allows(6, workers=2, per_image=0.0)
+    assert pace.allows(7, workers=2, per_image=0.15) and not pace.allows(7, workers=2, per_image=0.2)
     now[0] = 0.9
+    pace.took()  # no wait: a twentieth of a batch less to spare
+    assert pace.shared[:] == [5, 0.9, pytest.approx(0.75 * 0.2 + 0.25 * 0.4), pytest.approx(2.95)]
+    pace.shared[3] = 1.0
+    now[0] = 1.1
     pace.took()
-    assert pace.shared[:] == [5, 0.9, pytest.approx(0.75 * 0.2 + 0.25 * 0.4)]  # a moving average
+    assert pace.shared[3] == 1.0  # never less than one batch
 
 
 def test_the_workers_see_the_main_processs_takes():

@@ -219,6 +219,29 @@ def test_processes_launch_shards_equal_to_one_process(tmp_path):
         np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
+class _SlowDigits(Digits):
+    def load(self, index: int):
+        time.sleep(0.01)
+        return super().load(index)
+
+
+def test_extraction_says_how_long_it_waited_for_the_workers(cache_path):
+    """Images that take 10 ms each to load, in the main process (workers=0): the loop waits
+    80 ms for its first batch of 8 and 80 ms for each of the four later ones."""
+    res = extract(RESNET, _SlowDigits("test"), cache=cache_path, dataset="d", split="slow", workers=0, limit=40,
+                  batch_size=8)
+    assert 0.08 <= res.first_batch_s < res.seconds and 0.32 <= res.waited_s < res.seconds
+    record = Cache(cache_path).group(RESNET, "d", "slow").attrs["extraction"]
+    assert record["first_batch_s"] == round(res.first_batch_s, 2) and record["waited_s"] == round(res.waited_s, 2)
+    from backbench.cli.cache_cmds import _say_extracted
+    from backbench.cli import out
+
+    with out.capture() as captured:
+        _say_extracted(res)
+    share = res.waited_s / res.seconds
+    assert f", {share:.0%} of the time waiting for the workers" in captured.get()
+
+
 def test_dtype_and_device_choices_on_cpu(cache_path, run_cli):
     from backbench.errors import BackbenchError
     from backbench.extract.run import resolve_device

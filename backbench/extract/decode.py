@@ -64,36 +64,45 @@ class LoaderPace:
     on the CPU. The pace is the device's: the seconds between takes less any time the main
     process waited for the workers (a moving average from the fourth take on; the first
     takes come in a burst). Batch ``p`` is then taken about ``(p - taken + 1) * pace`` seconds
-    after the last take; a worker decodes on the CPU while that leaves a batch of spare time,
-    and sends the rest as bytes for the device. So the workers decode everything when they
-    keep up, and the device only what they could not: the split follows the backbone's speed
-    and the CPU's, with nothing to tune. Until the pace is known, the workers' first round
-    of batches goes as bytes (the device starts at once) and later rounds decode on the CPU.
+    after the last take; a worker decodes on the CPU while the batch would still be ready
+    ``spare`` batches before that, and sends the rest as bytes for the device. ``spare``
+    covers collating, pinning and jitter: it grows by one whenever the main process had to
+    wait for a batch, and shrinks by a twentieth of a batch whenever it did not.
+
+    So the workers decode everything when they keep up, and the device only what they could
+    not: the split follows the backbone's speed and the CPU's, with nothing to tune. Until
+    the pace is known the workers' first round of batches goes as bytes (the device starts
+    at once) and later rounds decode on the CPU.
     """
+
+    SPARE = (1.0, 2.0, 16.0)  # batches to spare: least, at first, most
 
     def __init__(self, clock=time.monotonic) -> None:
         import multiprocessing
 
         self.clock = clock  # time.monotonic is one clock for all the processes of a machine
-        self.shared = multiprocessing.Array("d", 3)  # batches taken, time of the last take, pace (0: unknown)
+        # batches taken, time of the last take, pace (0: unknown), batches to spare
+        self.shared = multiprocessing.Array("d", [0.0, 0.0, 0.0, self.SPARE[1]])
 
     def took(self, waited: float = 0.0) -> None:
         """The main process took its next batch, after waiting ``waited`` seconds for it."""
         now = self.clock()
+        least, _, most = self.SPARE
         with self.shared.get_lock():
-            taken, last, pace = self.shared[:]
+            taken, last, pace, spare = self.shared[:]
             if taken >= 3:
                 gap = max(now - last - waited, 0.0)
                 pace = gap if pace == 0 else 0.75 * pace + 0.25 * gap
-            self.shared[:] = [taken + 1, now, pace]
+                spare = min(spare + 1, most) if waited > 0.1 * pace else max(spare - 0.05, least)
+            self.shared[:] = [taken + 1, now, pace, spare]
 
     def allows(self, position: int, workers: int, per_image: float) -> bool:
         """Whether a worker may decode one more image (``per_image`` seconds) of batch
-        ``position`` on the CPU and still have the batch ready one batch before it is taken."""
-        taken, last, pace = self.shared[:]
+        ``position`` on the CPU and still have the batch ready ``spare`` batches early."""
+        taken, last, pace, spare = self.shared[:]
         if pace == 0:
             return position >= workers
-        return self.clock() + per_image < last + (position - taken) * pace
+        return self.clock() + per_image < last + (position - taken + 1 - spare) * pace
 
 
 def jpeg_payload(data: bytes):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +46,8 @@ class ExtractResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     group: str = ""
     decoded_on_device: int | None = None  # images the device decoded (device and mixed decoding)
+    first_batch_s: float = 0.0  # seconds from starting the workers until their first batch came
+    waited_s: float = 0.0  # seconds the loop then waited for the workers' batches (the device idle)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,21 +305,35 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
     if decode in ON_DEVICE:
         kw["collate_fn"] = _collate_packed
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
-    return _paced(loader, ds.pace) if ds.pace is not None and workers else loader
+    return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kw)
 
 
-def _paced(loader, pace: LoaderPace):
-    """The loader's batches, each take told to the workers' :class:`LoaderPace` (``mixed``)."""
-    batches = iter(loader)
-    while True:
-        asked = pace.clock()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        pace.took(waited=pace.clock() - asked)
-        yield batch
+class _Waits:
+    """Iterates a loader, timing how long each batch kept the main process waiting (the
+    device idle for want of images) and telling each take to the workers' pace (``mixed``)."""
+
+    def __init__(self, loader, pace: LoaderPace | None = None) -> None:
+        self.loader, self.pace = loader, pace
+        self.first = 0.0  # the first batch: worker start-up and the pipeline filling
+        self.after = 0.0  # every later batch
+
+    def __iter__(self):
+        asked = time.monotonic()  # the first wait includes starting the workers
+        batches = iter(self.loader)
+        for taken in itertools.count():
+            asked = asked if not taken else time.monotonic()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            waited = time.monotonic() - asked
+            if taken:
+                self.after += waited
+            else:
+                self.first = waited
+            if self.pace is not None:
+                self.pace.took(waited)
+            yield batch
 
 
 def forward_step(backbone: Backbone, device: str, compile: bool | str = False, kinds: list[str] | None = None,
@@ -358,10 +375,11 @@ def forward_step(backbone: Backbone, device: str, compile: bool | str = False, k
 def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                 batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
                 decode: str = "workers", compile: bool | str = False,
-                view: str = "center") -> tuple[list[dict[str, str]], int | None]:
+                view: str = "center") -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
     """Forward every batch and hand its rows to the chunk writers (one group per feature kind,
-    the backbone's logits with the pooled one); returns the skipped samples and how many
-    images the device decoded (None with worker decoding)."""
+    the backbone's logits with the pooled one); returns the skipped samples, how many
+    images the device decoded (None with worker decoding), and the seconds the loop waited
+    for its first batch and for all later ones."""
     import torch
 
     # Streams, events and copies go to the current device: make it this one (--device cuda:1).
@@ -373,7 +391,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
 def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                  batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
                  decode: str = "workers", compile: bool | str = False,
-                 view: str = "center") -> tuple[list[dict[str, str]], int | None]:
+                 view: str = "center") -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
     """:func:`run_batches` on its device."""
     import torch
 
@@ -407,7 +425,9 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
 
     try:
         # pinned batches (on the loader's pinning thread) unless all of it is bytes for the device
-        batches_in = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
+        loader = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
+        waits = _Waits(loader, loader.dataset.pace if workers else None)
+        batches_in = iter(waits)
         if decoder is not None:
             batches_in = _decode_ahead(batches_in, decoder, side, compute)
         for index, x, errors in batches_in:
@@ -443,7 +463,7 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
         for writer in writers.values():
             writer.close()
         model.to("cpu")
-    return skipped, (decoder.decoded if decoder is not None else None)
+    return skipped, (decoder.decoded if decoder is not None else None), (waits.first, waits.after)
 
 
 def _decode_ahead(loader, decoder, side, compute=None):
@@ -629,7 +649,7 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
         return result
     device = resolve_device(device)
     started = time.perf_counter()
-    skipped, result.decoded_on_device = run_batches(
+    skipped, result.decoded_on_device, (result.first_batch_s, result.waited_s) = run_batches(
         model, groups, src, batches, device=device, workers=default_workers(decode) if workers is None else workers,
         on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)
     seconds = time.perf_counter() - started
@@ -642,6 +662,8 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
         g.finalize({"skipped": previous + skipped,
                     "extraction": {"device": device, "batch_size": batch_size, "decode": decode,
                                    "decoded_on_device": result.decoded_on_device,
+                                   "first_batch_s": round(result.first_batch_s, 2),
+                                   "waited_s": round(result.waited_s, 2),
                                    "compile": compile, "images_per_s": round(result.images_per_s, 2)}})
     result.status = "extracted" if all(g.is_complete for g in groups.values()) else "partial"
     return result
