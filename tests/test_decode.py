@@ -98,6 +98,14 @@ def test_the_cli_says_how_much_the_device_decoded(jpegs, cache_path, run_cli):
     assert code == 0 and "extracted 7 rows" in out and "71% decoded on the device" in out
 
 
+def test_auto_decode_is_mixed_on_a_gpu_for_files_and_the_workers_otherwise(jpegs):
+    from backbench.extract.decode import resolve_decode
+
+    files, arrays = ImageFolder(jpegs), Digits("test")
+    assert resolve_decode("auto", "cuda", files) == resolve_decode("auto", "cuda:1", files) == "mixed"
+    assert resolve_decode("auto", "cpu", files) == resolve_decode("auto", "cuda", arrays) == "workers"
+
+
 def test_device_decode_needs_files(cache_path, run_cli):
     with pytest.raises(BackbenchError, match="--decode device needs image files"):
         extract(RESNET, "digits", cache=cache_path, dataset="d", split="test", decode="device", limit=8)

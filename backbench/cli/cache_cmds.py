@@ -96,8 +96,8 @@ def extract(
     on_error: str = typer.Option("fail", "--on-error", help="fail or skip an unreadable image."),
     processes: int = typer.Option(1, "--processes", min=1, help="Launch N local shard processes (--shard i/N)."),
     decode: str = typer.Option("auto", "--decode",
-                               help="workers (PIL), device (JPEGs on the GPU with nvJPEG), mixed (idle workers "
-                                    "decode a share on the CPU, the GPU the rest) or auto (device on CUDA)."),
+                               help="workers (PIL), device (JPEGs on the GPU with nvJPEG), mixed (the workers "
+                                    "decode what they can in time, the GPU the rest) or auto (mixed on CUDA)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (pays off on long runs)."),
     features: Optional[List[str]] = typer.Option(None, "--features",
                                                  help="Feature kinds: pooled (default) cls mean-patch cls+mean-patch."),

@@ -313,17 +313,17 @@ class _Waits:
     device idle for want of images) and telling each take to the workers' pace (``mixed``)."""
 
     def __init__(self, loader, pace: LoaderPace | None = None) -> None:
-        self.loader, self.pace = loader, pace
-        self.first = 0.0  # the first batch: worker start-up and the pipeline filling
+        self.pace = pace
+        self.first = 0.0  # from starting the workers to the first batch
         self.after = 0.0  # every later batch
+        self.started = time.monotonic()
+        self.batches = iter(loader)  # starts the workers
 
     def __iter__(self):
-        asked = time.monotonic()  # the first wait includes starting the workers
-        batches = iter(self.loader)
         for taken in itertools.count():
-            asked = asked if not taken else time.monotonic()
+            asked = time.monotonic() if taken else self.started
             try:
-                batch = next(batches)
+                batch = next(self.batches)
             except StopIteration:
                 return
             waited = time.monotonic() - asked
@@ -334,6 +334,10 @@ class _Waits:
             if self.pace is not None:
                 self.pace.took(waited)
             yield batch
+
+    def close(self) -> None:
+        """Stop the workers now (after an error too), not whenever the iterator is collected."""
+        self.batches = iter(())
 
 
 def forward_step(backbone: Backbone, device: str, compile: bool | str = False, kinds: list[str] | None = None,
@@ -399,7 +403,16 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
     group = next(iter(groups.values()))
 
     cuda = device.startswith("cuda")
-    model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    # The workers start first (pinned batches, on the loader's pinning thread, unless all of it
+    # is bytes for the device): they fill the pipeline while the model moves to the device,
+    # and are forked before the CUDA context exists where it does not yet.
+    loader = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
+    waits = _Waits(loader, loader.dataset.pace if workers else None)
+    try:
+        model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    except BaseException:
+        waits.close()
+        raise
     step = forward_step(backbone, device, compile, list(groups), view)
     decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
                if decode in ON_DEVICE else None)
@@ -424,9 +437,6 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
             writer.add(rows, feats[kind].numpy(), labels, out.numpy() if out is not None else None)
 
     try:
-        # pinned batches (on the loader's pinning thread) unless all of it is bytes for the device
-        loader = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
-        waits = _Waits(loader, loader.dataset.pace if workers else None)
         batches_in = iter(waits)
         if decoder is not None:
             batches_in = _decode_ahead(batches_in, decoder, side, compute)
@@ -460,6 +470,7 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
         while in_flight:
             finish(*in_flight.pop(0))
     finally:
+        waits.close()
         for writer in writers.values():
             writer.close()
         model.to("cpu")
@@ -551,7 +562,7 @@ def extract(
     Another process extracting the same group holds its lock: this one waits (``on_wait`` is
     told), then does only what is left. ``decode``: "workers" (PIL in the DataLoader
     workers), "device" (JPEGs decoded on the extraction device, see
-    :mod:`backbench.extract.decode`) or "auto" (device on a GPU; a resumed group keeps the
+    :mod:`backbench.extract.decode`), "mixed" (both) or "auto" (mixed on a GPU; a resumed group keeps the
     decoding it was started with). ``compile``: wrap the forward pass in ``torch.compile``.
     """
     cache = cache if isinstance(cache, Cache) else Cache(cache)
