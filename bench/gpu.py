@@ -12,7 +12,7 @@
     few batches of ``--decode device`` is summarized per CUDA stream and per host thread
     (``--trace DIR`` also keeps the Chrome trace), to show what the forward pass waits for.
 
-    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR] [--quick]
+    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR] [--quick] [--decodes mixed]
     python bench/gpu.py --device cpu --model timm:test_vit@random --images 2048 --batch-size 64
 """
 
@@ -326,6 +326,8 @@ def main() -> None:
                    help="cpu: the three extractions against the bare CPU forward only (a smoke run)")
     p.add_argument("--quick", action="store_true",
                    help="only the bare forward and the device and mixed extractions (about a minute)")
+    p.add_argument("--decodes", default="device,mixed,workers",
+                   help="the extractions to time, comma-separated (workers runs on half the images)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     import torch
@@ -360,8 +362,9 @@ def main() -> None:
             for drain in (True, False):  # with and without the guard against decode_jpeg's write hazard
                 report(f"decode_and_forward_overlapped_drain_{int(drain)}",
                        decode_and_forward(bb, root, args.batch_size, overlapped=True, drain=drain, check=True))
-        runs = (("device", None), ("mixed", None)) + ((("workers", args.images // 2),) if not args.quick else ())
-        for decode, n in runs:
+        decodes = args.decodes.split(",") if not args.quick else [d for d in args.decodes.split(",") if d != "workers"]
+        for decode in decodes:
+            n = args.images // 2 if decode == "workers" else None
             e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
             report(f"extract_{decode}_decode", e2e)
             report(f"ratio_{decode}", round(e2e["wall_images_per_s"] / res["bare_images_per_s"], 3))
