@@ -239,7 +239,7 @@ def test_extraction_says_how_long_it_waited_for_the_workers(cache_path):
     with out.capture() as captured:
         _say_extracted(res)
     share = res.waited_s / res.seconds
-    assert f", {share:.0%} of the time waiting for the workers" in captured.get()
+    assert f", {share:.0%} of the time waiting for images" in captured.get()
 
 
 def test_dtype_and_device_choices_on_cpu(cache_path, run_cli):

@@ -183,7 +183,7 @@ def _say_extracted(res) -> None:
                   f"in {res.seconds:.1f}s ({res.images_per_s:.1f} img/s)"
                   + (f", {on_device / max(res.rows_written, 1):.0%} decoded on the device"
                      if on_device is not None else "")
-                  + (f", {res.waited_s / res.seconds:.0%} of the time waiting for the workers"
+                  + (f", {res.waited_s / res.seconds:.0%} of the time waiting for images"
                      if res.seconds and res.waited_s > 0.1 * res.seconds else "")
                   + (f", skipped {len(res.skipped)}" if res.skipped else ""))
 
