@@ -2,17 +2,18 @@
 
 (a) the bare forward pass on uint8 tensors already on the device, bf16 autocast,
     channels-last (eager, and with ``torch.compile``); (b) ``backbench extract`` from JPEG
-    files into a cache, JPEGs decoded on the GPU (``--decode device``), by the GPU and the
-    idle workers (``--decode mixed``), and for comparison by PIL in the DataLoader workers.
+    files into a cache, JPEGs decoded on the GPU (``--decode device``), by the workers in
+    time and the GPU the rest (``--decode mixed``), and by PIL in the DataLoader workers.
     Targets on an H100/H200: (a) >= 8,000 images/s, (b) >= 0.8 of (a).
 
     Each extraction reports its wall-clock rate (listing, worker start-up and model transfer
-    included) and its steady rate (over the second half of the batches,
-    after the burst of batches the workers prefetched at start-up). A profiler trace of a
-    few batches of ``--decode device`` is summarized per CUDA stream and per host thread
+    included), its steady rate (over the second half of the batches, after the burst of
+    batches the workers prefetched at start-up) and where the rest of the time went. A
+    profiler trace of a few batches of ``--decode device`` is summarized per CUDA stream and per host thread
     (``--trace DIR`` also keeps the Chrome trace), to show what the forward pass waits for.
 
-    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR] [--quick] [--decodes mixed]
+    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR]
+    python bench/gpu.py --quick [--decodes mixed] [--images 200000]   # (a) eager, device and mixed only
     python bench/gpu.py --device cpu --model timm:test_vit@random --images 2048 --batch-size 64
 """
 

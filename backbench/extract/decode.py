@@ -10,8 +10,8 @@ treatment (and the same errors) as in ``decode="workers"``.
 
 With ``decode="mixed"`` (DALI's name for its CPU+GPU decoder) the workers also decode on the
 CPU as many of their batch's JPEGs as they can before the main process needs that batch
-(:class:`LoaderPace`) and send the rest as bytes: where the CPU keeps up on its own the device decodes nothing, and where it
-cannot, the device decodes only what the CPU could not. Which image went which way depends
+(:class:`LoaderPace`) and send the rest as bytes: where the CPU keeps up on its own the
+device decodes nothing, and where it cannot, the device decodes only what the CPU could not. Which image went which way depends
 on timing; nvJPEG and libjpeg-turbo may differ by a level in a few pixels, so the group
 records ``"decode": "torchvision-cuda+workers"``.
 """

@@ -46,7 +46,7 @@ class ExtractResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     group: str = ""
     decoded_on_device: int | None = None  # images the device decoded (device and mixed decoding)
-    first_batch_s: float = 0.0  # seconds from starting the workers until their first batch came
+    first_batch_s: float = 0.0  # seconds from starting the workers until the loop took their first batch
     waited_s: float = 0.0  # seconds the loop then waited for the workers' batches (the device idle)
 
     def to_dict(self) -> dict[str, Any]:
