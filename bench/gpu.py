@@ -238,6 +238,7 @@ def end_to_end(bb, root: Path, folder: Path, batch_size: int, decode: str, compi
     steady = (marks[-1][1] - n0) / max(marks[-1][0] - t0, 1e-9)
     out = {"images": res.rows_written, "wall_images_per_s": round(res.rows_written / wall, 1),
            "steady_images_per_s": round(steady, 1),
+           "reported_images_per_s": round(res.images_per_s, 1),  # what `backbench extract` prints: the batch loop
            "until_first_batch_done_s": round(marks[0][0] - start, 2),  # set-up, worker start, first batch
            "waited_for_first_batch_s": round(res.first_batch_s, 2),  # of which: the loader's first batch
            "waited_for_later_batches_s": round(res.waited_s, 2),  # the loop idle for want of images
