@@ -301,7 +301,7 @@ def _loader(source: ImageSource, backbone: Backbone, batches: list[list[int]], w
     from torch.utils.data import DataLoader
 
     ds = _Images(source, backbone.preprocess.to_uint8(), backbone.preprocess.input_size, decode,
-                 positions={b[0]: p for p, b in enumerate(batches)})
+                 positions={b[0]: p for p, b in enumerate(batches)} if decode == "mixed" else None)
     kw: dict[str, Any] = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
     if decode in ON_DEVICE:
         kw["collate_fn"] = _collate_packed
