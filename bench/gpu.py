@@ -9,8 +9,9 @@
     Each extraction reports its wall-clock rate (listing, worker start-up and model transfer
     included), its steady rate (over the second half of the batches, after the burst of
     batches the workers prefetched at start-up) and where the rest of the time went. A
-    profiler trace of a few batches of ``--decode device`` is summarized per CUDA stream and per host thread
-    (``--trace DIR`` also keeps the Chrome trace), to show what the forward pass waits for.
+    profiler trace of a few batches of ``--decode device`` is summarized per CUDA stream and
+    per host thread (``--trace DIR`` also keeps the Chrome trace), to show what the forward
+    pass waits for.
 
     python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR]
     python bench/gpu.py --quick [--decodes mixed] [--images 200000]   # (a) eager, device and mixed only

@@ -403,40 +403,36 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
     group = next(iter(groups.values()))
 
     cuda = device.startswith("cuda")
+    writers = {kind: _ChunkWriter(g, source) for kind, g in groups.items()}
     # The workers start first (pinned batches, on the loader's pinning thread, unless all of it
     # is bytes for the device): they fill the pipeline while the model moves to the device,
     # and are forked before the CUDA context exists where it does not yet.
     loader = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
     waits = _Waits(loader, loader.dataset.pace if workers else None)
     try:
-        model = backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    except BaseException:
-        waits.close()
-        raise
-    step = forward_step(backbone, device, compile, list(groups), view)
-    decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
-               if decode in ON_DEVICE else None)
-    # Decoding (a batch ahead) gets a high-priority stream: its few short kernels are what the
-    # next forward pass waits for, so they go first rather than queue behind the current
-    # forward pass's blocks. The forward pass runs on its own (non-blocking) stream, so work
-    # that a library queues on the legacy default stream cannot serialize with it.
-    side = torch.cuda.Stream(priority=-1) if cuda and decoder is not None else None
-    compute = torch.cuda.Stream() if side is not None else None
-    if compute is not None:
-        compute.wait_stream(torch.cuda.current_stream())
-    total, done, skipped = sum(map(len, batches)), 0, []
-    writers = {kind: _ChunkWriter(g, source) for kind, g in groups.items()}
-    out_dtype = getattr(torch, np.dtype(group.dtype).name)
-    in_flight: list[tuple[np.ndarray, np.ndarray, Any, Any, Any]] = []
+        backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+        step = forward_step(backbone, device, compile, list(groups), view)
+        decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
+                   if decode in ON_DEVICE else None)
+        # Decoding (a batch ahead) gets a high-priority stream: its few short kernels are what the
+        # next forward pass waits for, so they go first rather than queue behind the current
+        # forward pass's blocks. The forward pass runs on its own (non-blocking) stream, so work
+        # that a library queues on the legacy default stream cannot serialize with it.
+        side = torch.cuda.Stream(priority=-1) if cuda and decoder is not None else None
+        compute = torch.cuda.Stream() if side is not None else None
+        if compute is not None:
+            compute.wait_stream(torch.cuda.current_stream())
+        total, done, skipped = sum(map(len, batches)), 0, []
+        out_dtype = getattr(torch, np.dtype(group.dtype).name)
+        in_flight: list[tuple[np.ndarray, np.ndarray, Any, Any, Any]] = []
 
-    def finish(rows, labels, feats, logits, event) -> None:
-        if event is not None:
-            event.synchronize()
-        for kind, writer in writers.items():
-            out = logits if kind == "pooled" and logits is not None else None
-            writer.add(rows, feats[kind].numpy(), labels, out.numpy() if out is not None else None)
+        def finish(rows, labels, feats, logits, event) -> None:
+            if event is not None:
+                event.synchronize()
+            for kind, writer in writers.items():
+                out = logits if kind == "pooled" and logits is not None else None
+                writer.add(rows, feats[kind].numpy(), labels, out.numpy() if out is not None else None)
 
-    try:
         batches_in = iter(waits)
         if decoder is not None:
             batches_in = _decode_ahead(batches_in, decoder, side, compute)
@@ -473,7 +469,7 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
         waits.close()
         for writer in writers.values():
             writer.close()
-        model.to("cpu")
+        backbone.model.to("cpu")
     return skipped, (decoder.decoded if decoder is not None else None), (waits.first, waits.after)
 
 
