@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,8 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
     if overlapped:
         packed = (_collate_packed([(i, d, "") for i, d in enumerate(data[j : j + batch_size], j)])
                   for j in range(0, len(data), batch_size))
-        batches = (x for _, x, _ in _decode_ahead(packed, decoder, side, compute))
+        pool = ThreadPoolExecutor(max_workers=1)
+        batches = (x for _, x, _ in _decode_ahead(pool, packed, decoder, side, compute))
     else:
         batches = (decoder(list(range(batch_size)), data[i : i + batch_size])[0]
                    for i in range(0, len(data), batch_size))

@@ -98,6 +98,30 @@ def test_the_cli_says_how_much_the_device_decoded(jpegs, cache_path, run_cli):
     assert code == 0 and "extracted 7 rows" in out and "71% decoded on the device" in out
 
 
+def test_the_decoder_warms_up_on_its_thread_before_the_first_batch_and_counts_nothing(jpegs, cache_path,
+                                                                                    monkeypatch):
+    import threading
+
+    calls = []
+    warm_up, call = DeviceDecoder.warm_up, DeviceDecoder.__call__
+
+    def spy(name, fn):
+        def wrapped(self, *a, **kw):
+            calls.append((name, threading.current_thread().name.split("_")[0]))
+            return fn(self, *a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(DeviceDecoder, "warm_up", spy("warm_up", warm_up))
+    monkeypatch.setattr(DeviceDecoder, "__call__", spy("batch", call))
+    res = extract(RESNET, f"imagefolder:{jpegs}", cache=cache_path, dataset="j", split="s", decode="device",
+                  workers=1, batch_size=3)
+    assert calls == [("warm_up", "backbench-decode")] + [("batch", "backbench-decode")] * 3
+    assert res.decoded_on_device == 5  # the warm-up's image is not one of them
+    decoder = DeviceDecoder(load_backbone(RESNET).preprocess, "cpu", None)
+    decoder.warm_up()
+    assert decoder.decoded == 0
+
+
 def test_auto_decode_is_mixed_on_a_gpu_for_files_and_the_workers_otherwise(jpegs):
     from backbench.extract.decode import resolve_decode
 

@@ -132,6 +132,25 @@ class DeviceDecoder:
         self.drain = drain and device.startswith("cuda")  # False only to measure the hazard (bench/gpu.py)
         self.decoded = 0  # images decoded on the device so far
 
+    def warm_up(self) -> None:
+        """Decode, resize and crop one tiny JPEG and wait for it, counting nothing: the device's
+        first decode loads nvJPEG and the resize kernels (a second or two in a fresh process),
+        and extraction runs this on the decode thread while the workers start, so the first
+        batch does not pay for it. A device that cannot decode is left to the batches' own
+        fallback (the CPU path), so errors here are ignored."""
+        try:
+            from PIL import Image
+            import torch
+
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (128, 64, 32)).save(buf, format="JPEG")
+            image = self._decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)])[0]
+            self._resize_crop([image])
+            if self.device.startswith("cuda"):
+                torch.cuda.current_stream(self.device).synchronize()
+        except Exception:
+            pass
+
     def _resize_crop(self, images: list[Any]):
         """Resize/crop each image as the workers would, batching images of equal size."""
         import torch

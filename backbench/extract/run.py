@@ -409,18 +409,23 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
     # and are forked before the CUDA context exists where it does not yet.
     loader = _loader(source, backbone, batches, workers, pin=cuda and decode != "device", decode=decode)
     waits = _Waits(loader, loader.dataset.pace if workers else None)
+    # Device decoding runs a batch ahead on its own thread, which first warms the decoder up
+    # (nvJPEG's first call) while the workers start and the model moves to the device.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backbench-decode") if decode in ON_DEVICE else None
     try:
+        decoder = side = compute = None
+        if pool is not None:
+            decoder = DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
+            # Decoding gets a high-priority stream: its few short kernels are what the next
+            # forward pass waits for, so they go first rather than queue behind the current
+            # forward pass's blocks. The forward pass runs on its own (non-blocking) stream, so
+            # work that a library queues on the legacy default stream cannot serialize with it.
+            side = torch.cuda.Stream(priority=-1) if cuda else None
+            pool.submit(_on_stream, side, decoder.warm_up)
         backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
         step = forward_step(backbone, device, compile, list(groups), view)
-        decoder = (DeviceDecoder(backbone.preprocess, device, _cpu_fallback(source, backbone))
-                   if decode in ON_DEVICE else None)
-        # Decoding (a batch ahead) gets a high-priority stream: its few short kernels are what the
-        # next forward pass waits for, so they go first rather than queue behind the current
-        # forward pass's blocks. The forward pass runs on its own (non-blocking) stream, so work
-        # that a library queues on the legacy default stream cannot serialize with it.
-        side = torch.cuda.Stream(priority=-1) if cuda and decoder is not None else None
-        compute = torch.cuda.Stream() if side is not None else None
-        if compute is not None:
+        if side is not None:
+            compute = torch.cuda.Stream()
             compute.wait_stream(torch.cuda.current_stream())
         total, done, skipped = sum(map(len, batches)), 0, []
         out_dtype = getattr(torch, np.dtype(group.dtype).name)
@@ -435,7 +440,7 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
 
         batches_in = iter(waits)
         if decoder is not None:
-            batches_in = _decode_ahead(batches_in, decoder, side, compute)
+            batches_in = _decode_ahead(pool, batches_in, decoder, side, compute)
         for index, x, errors in batches_in:
             if decoder is None:
                 x = x.to(device, non_blocking=True)
@@ -467,32 +472,39 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
             finish(*in_flight.pop(0))
     finally:
         waits.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
         for writer in writers.values():
             writer.close()
         backbone.model.to("cpu")
     return skipped, (decoder.decoded if decoder is not None else None), (waits.first, waits.after)
 
 
-def _decode_ahead(loader, decoder, side, compute=None):
-    """Device decoding one batch ahead, on a thread and (on CUDA) a side stream: the host
-    waits on batch i+1's decode while the device still runs batch i's forward pass."""
+def _on_stream(stream, fn, *args):
+    """``fn(*args)`` with ``stream`` (None: no change) current on this thread."""
     import torch
 
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        return fn(*args)
+
+
+def _decode_ahead(pool, loader, decoder, side, compute=None):
+    """Device decoding one batch ahead, on ``pool``'s one thread and (on CUDA) a side stream:
+    the host waits on batch i+1's decode while the device still runs batch i's forward pass."""
+
     def work(index, packed, errors):
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            x, late = decoder(index.tolist(), _unpack(packed), stacked=packed[3])
-            ready = side.record_event() if side is not None else None
+        x, late = decoder(index.tolist(), _unpack(packed), stacked=packed[3])
+        ready = side.record_event() if side is not None else None
         return index, x, [late.get(i, e) for i, e in enumerate(errors)], ready
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backbench-decode") as pool:
-        pending = None
-        for batch in loader:
-            future = pool.submit(work, *batch)
-            if pending is not None:
-                yield _ready(*pending.result(), compute)
-            pending = future
+    pending = None
+    for batch in loader:
+        future = pool.submit(_on_stream, side, work, *batch)
         if pending is not None:
             yield _ready(*pending.result(), compute)
+        pending = future
+    if pending is not None:
+        yield _ready(*pending.result(), compute)
 
 
 def _ready(index, x, errors, event, compute=None):
