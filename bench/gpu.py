@@ -14,7 +14,7 @@
     pass waits for.
 
     python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR]
-    python bench/gpu.py --quick [--decodes mixed] [--images 200000]   # (a) eager, device and mixed only
+    python bench/gpu.py --quick [--decodes mixed] [--images 1281167]   # (a) eager, device and mixed only
     python bench/gpu.py --device cpu --model timm:test_vit@random --images 2048 --batch-size 64
 """
 
@@ -58,14 +58,20 @@ def bare(backbone, batch_size: int, compile: bool, steps: int = 40) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def photo_like_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375)) -> Path:
-    """n JPEG files of ImageNet's typical size (500x375, quality 90): 32 smooth random scenes."""
+def photo_like_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375), copies: bool = False) -> Path:
+    """n JPEG files of ImageNet's typical size (500x375, quality 90; 64 smooth random scenes) in
+    ImageNet's layout (about 1,300 per class folder, at most 1,000 folders). Each file is a
+    hard link to one of the 64 scenes, so ImageNet's 1.28M files take seconds and 5 MB rather
+    than minutes and 95 GB; reading one is the same open/read/close from the page cache as
+    reading a copy (``copies=True`` writes copies, as does a file system without links)."""
     from PIL import Image, ImageFilter
 
     rng = np.random.default_rng(0)
     w, h = size
+    scenes = folder / "scenes"
+    scenes.mkdir(parents=True, exist_ok=True)
     blobs = []
-    for _ in range(32):
+    for j in range(64):
         base = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
         img = Image.fromarray(base).resize((w, h), Image.BICUBIC).filter(ImageFilter.DETAIL)
         noise = rng.normal(0, 6, (h, w, 3))
@@ -73,11 +79,21 @@ def photo_like_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375)) -
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         blobs.append(buf.getvalue())
+        (scenes / f"{j}.jpg").write_bytes(blobs[-1])
+    classes = min(1000, max(10, n // 1300))
+    root = folder / "images"
+    for c in range(classes):
+        (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        d = folder / "images" / f"c{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{i:06d}.jpg").write_bytes(blobs[i % len(blobs)])
-    return folder / "images"
+        path = root / f"n{i % classes:08d}" / f"{i:07d}.JPEG"
+        if not copies:
+            try:
+                os.link(scenes / f"{i % 64}.jpg", path)
+                continue
+            except OSError:
+                copies = True
+        path.write_bytes(blobs[i % 64])
+    return root
 
 
 def decode_only(root: Path, batch_size: int) -> float:
@@ -85,7 +101,7 @@ def decode_only(root: Path, batch_size: int) -> float:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    files = sorted(root.rglob("*.jpg"))[: batch_size * 10]
+    files = sorted(root.rglob("*.JPEG"))[: batch_size * 10]
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     decode_jpeg(data[:batch_size], mode=ImageReadMode.RGB, device="cuda")
     torch.cuda.synchronize()
@@ -113,7 +129,7 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
 
     cuda = DEVICE == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    files = sorted(root.rglob("*.jpg"))
+    files = sorted(root.rglob("*.JPEG"))
     if check:
         files = [files[i] for i in np.random.default_rng(1).permutation(len(files))]
     files = files[: batch_size * 12]
@@ -162,7 +178,7 @@ def decode_resize_only(bb, root: Path, batch_size: int) -> float:
 
     from backbench.extract.decode import DeviceDecoder
 
-    files = sorted(root.rglob("*.jpg"))[: batch_size * 10]
+    files = sorted(root.rglob("*.JPEG"))[: batch_size * 10]
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     decoder = DeviceDecoder(bb.preprocess, "cuda", None)
     decoder(list(range(batch_size)), data[:batch_size])
@@ -333,6 +349,7 @@ def main() -> None:
                    help="only the bare forward and the device and mixed extractions (about a minute)")
     p.add_argument("--decodes", default="device,mixed,workers",
                    help="the extractions to time, comma-separated (workers runs on half the images)")
+    p.add_argument("--copies", action="store_true", help="write each JPEG file (default: hard links to 64 scenes)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     import torch
@@ -357,7 +374,7 @@ def main() -> None:
         bb = load_backbone(args.model)
         report("bare_images_per_s", round(bare(bb, args.batch_size, False), 1))
         t = time.perf_counter()
-        root = photo_like_jpegs(args.images, folder)
+        root = photo_like_jpegs(args.images, folder, copies=args.copies)
         report("jpeg_files_written_s", round(time.perf_counter() - t, 1))
         if cuda and not args.quick:
             report("gpu_decode_only_images_per_s", round(decode_only(root, args.batch_size), 1))
