@@ -136,12 +136,12 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     bb.model.to(DEVICE, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     decoder, step = DeviceDecoder(bb.preprocess, DEVICE, None, drain=drain), forward_step(bb, DEVICE)
+    pool = ThreadPoolExecutor(max_workers=1)  # the decode thread, as extraction has it
     side = torch.cuda.Stream(priority=-1) if cuda and overlapped else None
     compute = torch.cuda.Stream() if cuda and overlapped else None
     if overlapped:
         packed = (_collate_packed([(i, d, "") for i, d in enumerate(data[j : j + batch_size], j)])
                   for j in range(0, len(data), batch_size))
-        pool = ThreadPoolExecutor(max_workers=1)
         batches = (x for _, x, _ in _decode_ahead(pool, packed, decoder, side, compute))
     else:
         batches = (decoder(list(range(batch_size)), data[i : i + batch_size])[0]
@@ -156,6 +156,7 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
             if check:
                 kept.append(x.clone())
         sync()
+    pool.shutdown()
     out: dict = {"images_per_s": round((len(data) - 2 * batch_size) / (time.perf_counter() - start), 1)}
     bb.model.to("cpu")
     if check:
