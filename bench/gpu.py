@@ -13,7 +13,7 @@
     per host thread (``--trace DIR`` also keeps the Chrome trace), to show what the forward
     pass waits for.
 
-    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--trace DIR]
+    python bench/gpu.py [--images 80000] [--batch-size 512] [--json out.json] [--no-compile] [--compile] [--trace DIR]
     python bench/gpu.py --quick [--decodes mixed] [--images 1281167]   # (a) eager, device and mixed only
     python bench/gpu.py --device cpu --model timm:test_vit@random --images 2048 --batch-size 64
 """
@@ -343,6 +343,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--model", default="timm:vit_base_patch16_224@random")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="extract with torch.compile too; ratios to the compiled bare pass")
     p.add_argument("--trace", type=Path, help="keep the profiler's Chrome trace in this folder")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: the three extractions against the bare CPU forward only (a smoke run)")
@@ -386,12 +388,17 @@ def main() -> None:
                 report(f"decode_and_forward_overlapped_drain_{int(drain)}",
                        decode_and_forward(bb, root, args.batch_size, overlapped=True, drain=drain, check=True))
         decodes = args.decodes.split(",") if not args.quick else [d for d in args.decodes.split(",") if d != "workers"]
+        if args.compile:  # compiled extraction is compared with the compiled bare pass
+            t = time.perf_counter()
+            report("bare_compiled_images_per_s", round(bare(bb, args.batch_size, True), 1))
+            report("compile_and_bare_s", round(time.perf_counter() - t, 1))
+        tag, base = ("_compiled", res["bare_compiled_images_per_s"]) if args.compile else ("", res["bare_images_per_s"])
         for decode in decodes:
             n = args.images // 2 if decode == "workers" else None
-            e2e = end_to_end(bb, root, folder, args.batch_size, decode, False, n)
-            report(f"extract_{decode}_decode", e2e)
-            report(f"ratio_{decode}", round(e2e["wall_images_per_s"] / res["bare_images_per_s"], 3))
-            report(f"ratio_{decode}_steady", round(e2e["steady_images_per_s"] / res["bare_images_per_s"], 3))
+            e2e = end_to_end(bb, root, folder, args.batch_size, decode, args.compile, n)
+            report(f"extract_{decode}_decode{tag}", e2e)
+            report(f"ratio_{decode}{tag}", round(e2e["wall_images_per_s"] / base, 3))
+            report(f"ratio_{decode}{tag}_steady", round(e2e["steady_images_per_s"] / base, 3))
             if args.json:
                 args.json.write_text(json.dumps(res, indent=2))
         if cuda and not args.quick:
@@ -399,7 +406,7 @@ def main() -> None:
                 report("trace_device_decode", profile_device_decode(bb, root, folder, args.batch_size, args.trace))
             except Exception as exc:
                 report("trace_device_decode", {"error": f"{type(exc).__name__}: {exc}"})
-        if cuda and not args.no_compile and not args.quick:
+        if cuda and not args.no_compile and not args.quick and not args.compile:
             t = time.perf_counter()
             report("bare_compiled_images_per_s", round(bare(bb, args.batch_size, True), 1))
             report("compile_and_bare_s", round(time.perf_counter() - t, 1))
