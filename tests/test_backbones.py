@@ -43,6 +43,19 @@ def test_missing_weights_file():
         resolve("timm:test_resnet@/nonexistent/w.pth")
 
 
+def test_hub_weights_out_of_reach_say_what_to_use_offline(tmp_path, monkeypatch):
+    # the hub's own offline mode and an empty cache: the request is refused, nothing downloads
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        load_backbone("timm:test_resnet.r160_in1k")
+    assert str(err.value).startswith("cannot get pretrained weights for timm:test_resnet.r160_in1k (")
+    assert str(err.value).endswith("); offline? use timm:test_resnet.r160_in1k@random, "
+                                   "timm:test_resnet.r160_in1k@PATH, or a name from `backbench models`")
+
+
 def test_random_init_is_reproducible_and_has_no_logits():
     a, b = load_backbone("timm:test_resnet@random"), load_backbone("timm:test_resnet@random")
     assert a.weights_sha256 == b.weights_sha256

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ def local_weights_path(arch: str) -> Path | None:
         return None
     module = importlib.import_module(entry[0])
     return Path(getattr(module, entry[1]).get_model_file_path())
+
+
+@contextmanager
+def _fetching(what: str, instead: str):
+    """A failed download of pretrained weights becomes one line: what could not be had, and
+    what to use offline instead."""
+    try:
+        yield
+    except Exception as exc:
+        raise WeightsError(f"cannot get {what} ({type(exc).__name__}); offline? use {instead}") from exc
 
 
 def _seeded():
@@ -82,13 +93,9 @@ def load_timm(spec: BackboneSpec) -> Backbone:
 
     arch = spec.id.split(".")[0]
     if spec.weights is None:
-        try:
+        with _fetching(f"pretrained weights for timm:{spec.id}",
+                       f"timm:{spec.id}@random, timm:{spec.id}@PATH, or a name from `backbench models`"):
             model = timm.create_model(spec.id, pretrained=True)
-        except Exception as exc:
-            raise WeightsError(
-                f"cannot get pretrained weights for timm:{spec.id} ({type(exc).__name__}); offline? "
-                f"use timm:{spec.id}@random, timm:{spec.id}@PATH, or a name from `backbench models`"
-            ) from exc
         has_logits, note = model.num_classes > 0, "pretrained weights from the Hugging Face hub via timm"
     else:
         _seeded()
@@ -151,13 +158,8 @@ def load_open_clip(spec: BackboneSpec) -> Backbone:
         model = open_clip.create_model(arch, pretrained=None)
         note = "random init (torch seed 0)"
     else:
-        try:
+        with _fetching(f"open_clip weights {arch}/{tag}", f"open_clip:{arch}@random"):
             model = open_clip.create_model(arch, pretrained=tag)
-        except Exception as exc:
-            raise WeightsError(
-                f"cannot get open_clip weights {arch}/{tag} ({type(exc).__name__}); offline? "
-                f"use open_clip:{arch}@random"
-            ) from exc
         note = f"open_clip pretrained tag {tag}"
     visual = model.visual
     cfg = getattr(visual, "preprocess_cfg", {}) or {}
@@ -302,13 +304,9 @@ def load_torchvision(spec: BackboneSpec) -> Backbone:
     tags = enum.__members__
     if spec.weights is None or spec.weights in tags:
         weights = tags[spec.weights or "DEFAULT"]
-        try:
+        with _fetching(f"torchvision weights {weights}", f"torchvision:{spec.id}@random, "
+                       f"torchvision:{spec.id}@PATH, or a name from `backbench models`"):
             model = tvm.get_model(spec.id, weights=weights)
-        except Exception as exc:
-            raise WeightsError(
-                f"cannot get torchvision weights {weights} ({type(exc).__name__}); offline? use "
-                f"torchvision:{spec.id}@random, torchvision:{spec.id}@PATH, or a name from `backbench models`"
-            ) from exc
         has_logits, note = True, f"torchvision weights {weights}"
     else:
         weights, path = enum.DEFAULT, spec.weights_path
