@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from backbench.errors import BackbenchError
 
@@ -49,7 +52,9 @@ shifted = ["digits:shifted"]
 
 
 class ConfigError(BackbenchError, ValueError):
-    """A battle config that cannot be run as written."""
+    """A battle config that cannot be run as written (a usage error: exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -83,72 +88,220 @@ class BattleConfig:
         return [d for d in self.datasets.values() if d.role == "main"]
 
 
-def _dataset(name: str, raw: dict[str, Any]) -> DatasetSpec:
-    unknown = set(raw) - {"source", "splits", "train", "eval", "val", "role", "limit"}
-    if unknown:
-        raise ConfigError(f"datasets.{name}: unknown key(s) {', '.join(sorted(unknown))}")
-    splits_raw = raw.get("splits")
-    if isinstance(splits_raw, list):
-        if "source" not in raw:
-            raise ConfigError(f"datasets.{name}: a list of splits needs `source` (e.g. source = \"digits\")")
-        splits = {str(s): str(raw["source"]) for s in splits_raw}
-    elif isinstance(splits_raw, dict):
-        splits = {str(k): str(v) for k, v in splits_raw.items()}
+# ----------------------------------------------------------------------------- value checks
+
+Check = tuple[Callable[[Any], bool], str]  # (accepts the value?, what is accepted)
+
+
+def _int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _list(item: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and bool(v) and all(item(x) for x in v)
+
+
+def _scores(v: Any) -> bool:
+    from backbench.probe.ood import SCORES
+
+    return _list(lambda s: s in SCORES)(v)
+
+
+_POS_INT: Check = (lambda v: _int(v, 1), "a positive integer")
+_INTS: Check = (_list(lambda v: _int(v, 1)), "a non-empty list of positive integers, e.g. [10, 20]")
+_CS: Check = (_list(_number), "a non-empty list of positive numbers, e.g. [0.1, 1.0]")
+_REFS: Check = (_list(_text), 'a non-empty list of "DATASET:SPLIT" names, e.g. ["textures:test"]')
+
+# task -> its keys -> check; a key not listed here is an error (run.py reads exactly these)
+TASK_KEYS: dict[str, dict[str, Check]] = {
+    "probe": {"C": _CS},
+    "fewshot": {"shots": _INTS, "seeds": _POS_INT, "C": _CS},
+    "knn": {"k": _INTS, "temperature": (_number, "a positive number, e.g. 0.07")},
+    "retrieval": {"ks": _INTS},
+    "ood": {"ood": _REFS, "open_set": (_list(_text), 'a non-empty list of class names, e.g. ["8", "9"]'),
+            "scores": (_scores, "a non-empty list of OOD scores: knn, msp, maxlogit, energy, mahalanobis, "
+                                "relative_mahalanobis, vim, cosine")},
+    "shift": {"shifted": _REFS},
+}
+NEEDS = {"ood": ("ood", "open_set"), "shift": ("shifted",)}  # a task runs nothing without one of these
+DEFAULT_TASKS = ("probe", "fewshot", "knn", "retrieval")  # no [tasks] table: those that need no inputs
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+TOP: dict[str, Check] = {
+    "cache": (_text, "a path or URL string, e.g. \"battle.zarr\""),
+    "device": (lambda v: isinstance(v, str) and bool(_DEVICE.match(v)), "auto, cpu, cuda, cuda:N or mps"),
+    "batch_size": _POS_INT,
+    "workers": (lambda v: _int(v, 0), "an integer >= 0 (0: decode in the main process)"),
+    "shards": _POS_INT,
+}
+DATASET_KEYS = {"source", "splits", "train", "eval", "val", "role", "limit"}
+
+
+class _Problems(list):
+    """Every problem of one config, each naming its key; raised together as one ConfigError."""
+
+    def check(self, where: str, value: Any, check: Check) -> bool:
+        ok = check[0](value)
+        if not ok:
+            self.append(f"{where} must be {check[1]}, not {value!r}")
+        return ok
+
+    def unknown(self, where: str, keys: Any, known: Any) -> None:
+        extra = sorted(set(keys) - set(known))
+        if extra:
+            self.append(f"{where}unknown key(s) {', '.join(extra)} (known: {', '.join(sorted(known)) or 'none'})")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _splits(name: str, raw: dict[str, Any], problems: _Problems) -> dict[str, str]:
+    """``splits`` as {split: source}, each source parseable (nothing is opened)."""
+    from backbench.extract.data import split_spec
+
+    splits_raw, where = raw.get("splits"), f"datasets.{name}"
+    if isinstance(splits_raw, list) and all(_text(s) for s in splits_raw) and splits_raw:
+        if not _text(raw.get("source")):
+            problems.append(f"{where}: a list of splits needs `source` (e.g. source = \"digits\")")
+            return {}
+        splits = {s: raw["source"] for s in splits_raw}
+    elif isinstance(splits_raw, dict) and splits_raw and all(_text(v) for v in splits_raw.values()):
+        splits = dict(splits_raw)
     else:
-        raise ConfigError(f"datasets.{name}: `splits` must be a list of names or a table name = \"SOURCE\"")
+        problems.append(f"{where}: `splits` must be a list of names or a table name = \"SOURCE\", "
+                        f"not {splits_raw!r}")
+        return {}
+    named = {f"{where}.source": raw["source"]} if isinstance(splits_raw, list) else \
+        {f"{where}.splits.{k}": v for k, v in splits.items()}
+    for key, spec in named.items():
+        try:
+            split_spec(spec)
+        except BackbenchError as exc:
+            problems.append(f"{key}: {exc}")
+    return splits
+
+
+def _dataset(name: str, raw: Any, problems: _Problems) -> DatasetSpec | None:
+    if not isinstance(raw, dict):
+        problems.append(f"datasets.{name} must be a table ([datasets.{name}]), not {raw!r}")
+        return None
+    problems.unknown(f"datasets.{name}: ", raw, DATASET_KEYS)
+    splits = _splits(name, raw, problems)
     role = raw.get("role", "main")
     if role not in ("main", "ood"):
-        raise ConfigError(f"datasets.{name}: role must be \"main\" or \"ood\", not {role!r}")
-    spec = DatasetSpec(name, splits, str(raw.get("train", "train")), str(raw.get("eval", "test")),
-                       raw.get("val"), role, raw.get("limit"))
-    if role == "main":
-        for r in ("train", "eval"):
-            if getattr(spec, r) not in splits:
-                raise ConfigError(f"datasets.{name}: {r} split {getattr(spec, r)!r} is not among its splits "
-                                  f"({', '.join(splits)})")
-    return spec
+        problems.append(f"datasets.{name}: role must be \"main\" or \"ood\", not {role!r}")
+    if "limit" in raw:
+        problems.check(f"datasets.{name}.limit", raw["limit"], (lambda v: _int(v, 1), "a positive integer (rows)"))
+    names = {r: raw.get(r, d) for r, d in (("train", "train"), ("eval", "test"), ("val", None))}
+    for r, split in names.items():
+        needed = role == "main" and (r != "val" or split is not None)
+        if needed and splits and split not in splits:
+            problems.append(f"datasets.{name}: {r} split {split!r} is not among its splits ({', '.join(splits)})")
+    return DatasetSpec(name, splits, str(names["train"]), str(names["eval"]), names["val"], role, raw.get("limit"))
+
+
+def _backbones(raw: Any, source: str, problems: _Problems) -> list[str]:
+    """Each name resolvable by the backbone registry (parsed and checked; no weights loaded)."""
+    if not isinstance(raw, list) or not raw or not all(isinstance(b, str) for b in raw):
+        problems.append(f"{source}: `backbones` must be a non-empty list of names like \"timm:resnet18@random\"")
+        return []
+    from backbench.extract.backbones import resolve
+    from backbench.extract.kinds import parse_kind
+
+    for i, b in enumerate(raw):
+        name, _, kind = b.partition("#")  # NAME#KIND ranks a feature kind of NAME as its own row
+        try:
+            resolve(name)
+            if kind:
+                parse_kind(kind)
+        except BackbenchError as exc:
+            problems.append(f"backbones[{i}] {b!r}: {exc}")
+    return list(raw)
+
+
+def _tasks(raw: Any, datasets: dict[str, DatasetSpec], problems: _Problems) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {t: {} for t in DEFAULT_TASKS}
+    if not isinstance(raw, dict):
+        problems.append(f"tasks must be a table of [tasks.NAME] sections (NAME one of {', '.join(TASKS)}), "
+                        f"not {raw!r}")
+        return {}
+    unknown = sorted(set(raw) - set(TASKS))
+    if unknown:
+        problems.append(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
+    out = {}
+    for task in (t for t in TASKS if t in raw):
+        params = raw[task]
+        if not isinstance(params, dict):
+            problems.append(f"tasks.{task} must be a table ([tasks.{task}]), not {params!r}")
+            continue
+        problems.unknown(f"tasks.{task}: ", params, TASK_KEYS[task])
+        for key, check in TASK_KEYS[task].items():
+            if key in params:
+                problems.check(f"tasks.{task}.{key}", params[key], check)
+        if task in NEEDS and not any(k in params for k in NEEDS[task]):
+            problems.append(f"tasks.{task} runs nothing without {' or '.join(NEEDS[task])}")
+        out[task] = dict(params)
+    _check_refs(out, datasets, problems)
+    return out
+
+
+def _check_refs(tasks: dict[str, dict[str, Any]], datasets: dict[str, DatasetSpec], problems: _Problems) -> None:
+    for task, key in (("ood", "ood"), ("shift", "shifted")):
+        refs = tasks.get(task, {}).get(key)
+        for ref in refs if isinstance(refs, list) else []:
+            ds, _, split = str(ref).partition(":")
+            if ds not in datasets or split not in datasets[ds].splits:
+                problems.append(f"tasks.{task}.{key} names {ref!r}, which is no DATASET:SPLIT of the config")
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:
-    """Validate a parsed TOML document; every error names the key to fix."""
-    backbones = raw.get("backbones")
-    if not isinstance(backbones, list) or not backbones or not all(isinstance(b, str) for b in backbones):
-        raise ConfigError(f"{source}: `backbones` must be a non-empty list of names like \"timm:resnet18@random\"")
-    for b in backbones:  # NAME#KIND ranks a feature kind of NAME as its own row
-        kind = b.partition("#")[2]
-        if kind:
-            from backbench.extract.kinds import parse_kind
-
-            try:
-                parse_kind(kind)
-            except Exception as exc:
-                raise ConfigError(f"{source}: backbone {b!r}: {exc}") from None
-    datasets = raw.get("datasets")
-    if not isinstance(datasets, dict) or not datasets:
-        raise ConfigError(f"{source}: add at least one [datasets.NAME] table")
-    tasks = raw.get("tasks", {name: {} for name in TASKS})
-    unknown = set(tasks) - set(TASKS)
-    if unknown:
-        raise ConfigError(f"{source}: unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(TASKS)}")
-    parsed = {n: _dataset(n, d) for n, d in datasets.items()}
-    for task in ("ood", "shift"):
-        key = "ood" if task == "ood" else "shifted"
-        for ref in tasks.get(task, {}).get(key, []):
-            ds, _, split = str(ref).partition(":")
-            if ds not in parsed or split not in parsed[ds].splits:
-                raise ConfigError(f"{source}: tasks.{task}.{key} names {ref!r}, which is no DATASET:SPLIT of the config")
-    known = {"backbones", "datasets", "tasks", "cache", "device", "batch_size", "workers", "shards"}
-    if set(raw) - known:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(set(raw) - known))}")
-    return BattleConfig(list(backbones), parsed, {k: dict(v) for k, v in tasks.items()}, raw.get("cache"),
-                        raw.get("device", "auto"), raw.get("batch_size"), raw.get("workers"), source,
-                        shards=_positive(raw.get("shards", 1), f"{source}: shards"))
+    """Validate a whole parsed TOML document; every problem is reported at once, each naming its key."""
+    problems = _Problems()
+    problems.unknown("", raw, {"backbones", "datasets", "tasks", *TOP})
+    backbones = _backbones(raw.get("backbones"), source, problems)
+    datasets_raw = raw.get("datasets")
+    datasets: dict[str, DatasetSpec] = {}
+    if not isinstance(datasets_raw, dict) or not datasets_raw:
+        problems.append("add at least one [datasets.NAME] table")
+    else:
+        datasets = {n: d for n, v in datasets_raw.items() if (d := _dataset(n, v, problems)) is not None}
+    tasks = _tasks(raw.get("tasks"), datasets, problems)
+    for key, check in TOP.items():
+        if key in raw:
+            problems.check(key, raw[key], check)
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+    return BattleConfig(backbones, datasets, tasks, raw.get("cache"), raw.get("device", "auto"),
+                        raw.get("batch_size"), raw.get("workers"), source, shards=raw.get("shards", 1))
 
 
-def _positive(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-    return value
+def with_device(config: BattleConfig, device: str) -> BattleConfig:
+    """``config`` with ``--device`` in place of its own (checked as the config's key is)."""
+    problems = _Problems()
+    if not problems.check("--device", device, TOP["device"]):
+        raise ConfigError(problems[0])
+    return replace(config, device=device)
+
+
+DEFAULT_CACHE = "battle.zarr"
+
+
+def resolve_cache(cli: str | None, config: BattleConfig) -> tuple[str, str]:
+    """The cache a battle uses and why: ``--cache``, then ``$BACKBENCH_CACHE``, then the config's
+    ``cache``, then ``battle.zarr`` (the order every command follows)."""
+    env = os.environ.get("BACKBENCH_CACHE")
+    for value, why in ((cli, "--cache"), (env, "$BACKBENCH_CACHE"), (config.cache, f"cache in {config.source}")):
+        if value:
+            return value, why
+    return DEFAULT_CACHE, "the default"
 
 
 def load_config(path: str | Path | None = None) -> BattleConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from backbench.cli import JsonOpt, MemoryOpt, app, emit_json, err, out, table
@@ -21,7 +22,8 @@ def report_path(cache_path: str) -> Path:
 @app.command()
 def battle(
     config: Optional[Path] = typer.Argument(None, help="TOML config; none runs the built-in digits battle."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Cache (default: the config's, else battle.zarr)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache (default: $BACKBENCH_CACHE, else the "
+                                        "config's `cache`, else battle.zarr)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides the config)."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the built-in default config and exit."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
@@ -39,9 +41,7 @@ def battle(
     Example:  backbench battle            (the built-in default: EfficientNet-Lite on digits)
     Example:  backbench battle my.toml --workers 4    (cells as tasks on a local dask cluster)
     """
-    from dataclasses import replace
-
-    from backbench.battle.config import DEFAULT_TOML, load_config
+    from backbench.battle.config import DEFAULT_TOML, load_config, resolve_cache, with_device
     from backbench.battle.run import plan, run_battle
     from backbench.store import Cache
 
@@ -50,8 +50,10 @@ def battle(
         return
     cfg = load_config(config)
     if device:
-        cfg = replace(cfg, device=device)
-    store = Cache(cache or cfg.cache or "battle.zarr")
+        cfg = with_device(cfg, device)
+    path, why = resolve_cache(cache, cfg)
+    err.print(f"cache: {escape(path)} (from {escape(why)})")
+    store = Cache(path)
     cells = plan(cfg)
     if workers or scheduler:
         return _finish(_battle_on_dask(cfg, store, len(cells), workers, scheduler), store, json_)

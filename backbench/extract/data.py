@@ -843,17 +843,10 @@ BUILTIN = ("digits", "textures")
 USAGE = {"torchvision": "torchvision:NAME:ROOT", "hf-dataset": "hf-dataset:NAME[:CONFIG]", "wds": "wds:PATTERN"}
 
 
-def open_source(spec: str, split: str, *, download: bool = False, labels: list[str] | None = None) -> ImageSource:
-    """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none).
-
-    ``download`` lets a ``torchvision:`` dataset fetch missing files; other kinds ignore it.
-    ``labels`` names the label columns of a multi-label ``csv:`` (``csv:PATH?labels=A,B`` too).
-    """
-    import inspect
-
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"KIND:ARG"`` -> ``(KIND, ARG)``, checked without opening anything (battle configs use it)."""
     kind, _, arg = spec.partition(":")
-    factory = SOURCE_KINDS.get(kind)
-    if factory is None:
+    if kind not in SOURCE_KINDS:
         raise DataSourceError(
             f"unknown data source {kind!r} in {spec!r}; use one of "
             + ", ".join(k if k in BUILTIN else USAGE.get(k, f"{k}:PATH") for k in SOURCE_KINDS)
@@ -862,6 +855,19 @@ def open_source(spec: str, split: str, *, download: bool = False, labels: list[s
         raise DataSourceError(f"data source {kind}: needs a path, e.g. "
                               + {"torchvision": "torchvision:CIFAR10:/data/cifar", "hf-dataset": "hf-dataset:/data/pets",
                                  "wds": "wds:/data/shards/train-{000000..000009}.tar"}.get(kind, f"{kind}:/data/train"))
+    return kind, arg
+
+
+def open_source(spec: str, split: str, *, download: bool = False, labels: list[str] | None = None) -> ImageSource:
+    """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none).
+
+    ``download`` lets a ``torchvision:`` dataset fetch missing files; other kinds ignore it.
+    ``labels`` names the label columns of a multi-label ``csv:`` (``csv:PATH?labels=A,B`` too).
+    """
+    import inspect
+
+    kind, arg = split_spec(spec)
+    factory = SOURCE_KINDS[kind]
     if kind == "csv" and "?labels=" in arg:
         arg, _, cols = arg.partition("?labels=")
         labels = labels or [c for c in cols.split(",") if c]
