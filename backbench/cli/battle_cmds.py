@@ -133,9 +133,13 @@ def _print_leaderboard(lb) -> None:
     if not rows:
         out.print("no results yet: run `backbench battle` or a probe first")
         return
-    ranked = ["rank", "backbone", "z_mean"] + [f"z:{t}" for t in lb.tasks]
-    table(rows, ranked, title="leaderboard: z-score per task across backbones, their mean, rank")
-    table(rows, ["rank", "backbone"] + lb.columns, title="main metric per task:dataset (top-1, mAP, AUROC)")
+    shown = [{k: "–" if v is None else v for k, v in r.items()} for r in rows]  # a missing cell is not blank
+    ranked = ["rank", "backbone", "z_mean", "tasks"] + [f"z:{t}" for t in lb.tasks]
+    table(shown, ranked, title="leaderboard: z-score per task across backbones, their mean (over the tasks "
+                               "counted in `tasks`), rank")
+    table(shown, ["rank", "backbone"] + lb.columns, title="main metric per task:dataset (top-1, mAP, AUROC)")
+    for note in lb.notes():
+        out.print(f"note: {note}")
 
 
 @app.command()

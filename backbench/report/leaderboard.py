@@ -4,6 +4,11 @@ For every (task, dataset) column, each backbone's main metric is turned into a z
 across backbones (population std); a task's z-score is the mean over its datasets, the
 aggregate the mean over tasks, and the rank orders the aggregate (1 = best). All main
 metrics are higher-is-better.
+
+A missing cell (a backbone without a record for a task:dataset) has no z-score: it is never
+counted as 0, it is left out of that backbone's means, each row says how many tasks its mean
+covers, and :meth:`Leaderboard.notes` lists the missing cells. A column that only one backbone
+has compares nothing, so it has no z-score either.
 """
 
 from __future__ import annotations
@@ -40,19 +45,46 @@ class Leaderboard:
     fewshot: dict[str, dict[int, float]] = field(default_factory=dict)
     provenance: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def missing(self) -> list[tuple[str, str]]:
+        """(backbone, task:dataset) cells without a record, in table order."""
+        return [(b, c) for i, b in enumerate(self.backbones) for j, c in enumerate(self.columns)
+                if np.isnan(self.values[i, j])]
+
+    @property
+    def single(self) -> list[str]:
+        """Columns that only one backbone has: nothing to compare, so no z-score."""
+        return [c for j, c in enumerate(self.columns) if np.isfinite(self.values[:, j]).sum() == 1]
+
+    def covered(self, i: int) -> int:
+        """How many tasks enter backbone ``i``'s mean (those with a z-score)."""
+        return int(np.isfinite(self.task_z[i]).sum()) if self.tasks else 0
+
+    def notes(self) -> list[str]:
+        """Plain-text lines that say which cells are missing and which columns are not compared."""
+        out = []
+        if self.missing:
+            cells = "; ".join(f"{b} {c}" for b, c in self.missing)
+            out.append(f"missing cells (no record; left out of that backbone's mean, shown as –): {cells}")
+        if self.single:
+            out.append(f"only one backbone has {', '.join(self.single)}: no z-score (nothing to compare)")
+        return out
+
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per backbone, best first: rank, aggregate, task z-scores, raw metrics."""
+        """One dict per backbone, best first: rank, aggregate, tasks covered, task z-scores, raw metrics."""
         out = []
         for i in np.argsort(self.rank):
             row: dict[str, Any] = {"rank": int(self.rank[i]), "backbone": self.backbones[i],
-                                   "z_mean": _num(self.aggregate[i])}
+                                   "z_mean": _num(self.aggregate[i]), "tasks": f"{self.covered(i)}/{len(self.tasks)}"}
             row.update({f"z:{t}": _num(self.task_z[i, j]) for j, t in enumerate(self.tasks)})
             row.update({c: _num(self.values[i, j]) for j, c in enumerate(self.columns)})
+            row["missing"] = ", ".join(c for j, c in enumerate(self.columns) if np.isnan(self.values[i, j]))
             out.append(row)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows(), "tasks": self.tasks, "columns": self.columns,
+                "missing": [{"backbone": b, "column": c} for b, c in self.missing], "notes": self.notes(),
                 "spearman": {"tasks": self.tasks, "matrix": [[_num(v) for v in r] for r in self.spearman]},
                 "fewshot": {b: {str(k): v for k, v in c.items()} for b, c in self.fewshot.items()},
                 "provenance": self.provenance}
@@ -73,11 +105,20 @@ def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def zscores(values: np.ndarray) -> np.ndarray:
-    """Column-wise z-scores across rows (population std), ignoring NaN; constant columns give 0."""
-    mean = np.nanmean(values, axis=0, keepdims=True)
-    std = np.nanstd(values, axis=0, keepdims=True)
+    """Column-wise z-scores across rows (population std), ignoring NaN; constant columns give 0.
+
+    Missing values stay NaN, and so does a column with fewer than two values (a z-score
+    compares a backbone with the others; alone, it has none).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        mean = np.nanmean(values, axis=0, keepdims=True)
+        std = np.nanstd(values, axis=0, keepdims=True)
     z = np.divide(values - mean, std, out=np.zeros_like(values), where=std > 0)
     z[np.isnan(values)] = np.nan
+    z[:, np.isfinite(values).sum(axis=0) < 2] = np.nan
     return z
 
 

@@ -30,6 +30,8 @@ def to_markdown(lb: Leaderboard) -> str:
     cols = list(rows[0])
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    if lb.notes():  # which cells are missing, under the table they are missing from
+        out += ["", *(f"Note: {n}" for n in lb.notes())]
     if len(lb.tasks) > 1:
         out += ["", "Spearman rank correlation between tasks (across backbones):", "",
                 "| task | " + " | ".join(lb.tasks) + " |", "|" + "---|" * (len(lb.tasks) + 1)]
@@ -143,6 +145,7 @@ def to_html(lb: Leaderboard, figs: dict[str, bytes], title: str = "backbench lea
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<h2>Leaderboard</h2><table><tr>{head}</tr>{body}</table>"
+            + "".join(f"<p class='note'>Note: {html.escape(n)}</p>" for n in lb.notes()) +
             f"<h2>Figures</h2>{imgs}"
             f"<h2>Provenance</h2><table><tr>{''.join(f'<th>{c}</th>' for c in prov_cols)}</tr>{prov}</table>"
             f"</body></html>")
