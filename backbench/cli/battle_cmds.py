@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from backbench.cli import JsonOpt, MemoryOpt, app, emit_json, err, out, table
+from backbench.cli import JsonOpt, MemoryOpt, app, clean, emit_json, err, out, table
 from backbench.errors import BackbenchError
 
 
@@ -42,7 +41,7 @@ def battle(
     Example:  backbench battle my.toml --workers 4    (cells as tasks on a local dask cluster)
     """
     from backbench.battle.config import DEFAULT_TOML, load_config, resolve_cache, with_device
-    from backbench.battle.run import plan, run_battle
+    from backbench.battle.run import plan
     from backbench.store import Cache
 
     if show_config:
@@ -52,25 +51,47 @@ def battle(
     if device:
         cfg = with_device(cfg, device)
     path, why = resolve_cache(cache, cfg)
-    err.print(f"cache: {escape(path)} (from {escape(why)})")
+    err.print(f"cache: {path} (from {why})")  # plain text: err never reads markup
     store = Cache(path)
     cells = plan(cfg)
     if workers or scheduler:
         return _finish(_battle_on_dask(cfg, store, len(cells), workers, scheduler), store, json_)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=err) as bar:
-        overall = bar.add_task("battle", total=len(cells), detail="")
+    _finish(_battle_here(cfg, store, len(cells)), store, json_)
+
+
+class _CellLines:
+    """Without a terminal (logs, CI, pipes): one line per finished cell, printed as it finishes."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def __call__(self, r) -> None:
+        self.done += 1
+        err.print(f"[{self.done}/{self.total}] {r.cell.label}: {r.status} in {r.seconds:.1f}s"
+                  + (f": {r.message}" if r.message and r.status in ("failed", "skipped") else ""), soft_wrap=True)
+
+
+def _battle_here(cfg, store, n_cells: int):
+    """The battle's cells in this process: a live bar on a terminal, else :class:`_CellLines`."""
+    from backbench.battle.run import run_battle
+
+    if not err.is_terminal:
+        return run_battle(cfg, store, on_done=_CellLines(n_cells))
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}", markup=False),
+                  console=err) as bar:
+        overall = bar.add_task("battle", total=n_cells, detail="")
         inner = bar.add_task("images", total=None, detail="", visible=False)
 
         def start(cell, i):
-            bar.update(overall, description=f"{cell.stage}", detail=f"{cell.backbone} {cell.dataset} {cell.split}")
+            bar.update(overall, description=clean(cell.stage),
+                       detail=clean(f"{cell.backbone} {cell.dataset} {cell.split}"))
             bar.update(inner, visible=False, completed=0)
 
         def images(done, total):
             bar.update(inner, visible=True, completed=done, total=total)
 
-        summary = run_battle(cfg, store, on_start=start, on_done=lambda r: bar.advance(overall), progress=images)
-    _finish(summary, store, json_)
+        return run_battle(cfg, store, on_start=start, on_done=lambda r: bar.advance(overall), progress=images)
 
 
 def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler: Optional[str]):
@@ -82,12 +103,15 @@ def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler:
 
     if workers and scheduler:
         raise BackbenchError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
-    with Progress(TextColumn("[bold]battle on dask"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[detail]}"), console=err) as bar:
+    lines = None if err.is_terminal else _CellLines(n_cells)
+    with Progress(TextColumn("battle on dask", style="bold"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[detail]}", markup=False), console=err, disable=lines is not None) as bar:
         task = bar.add_task("battle", total=n_cells, detail="")
 
         def done(r) -> None:
-            bar.update(task, advance=1, detail=f"{r.cell.stage} {r.cell.backbone} {r.cell.dataset}: {r.status}")
+            if lines is not None:
+                return lines(r)
+            bar.update(task, advance=1, detail=clean(f"{r.cell.stage} {r.cell.backbone} {r.cell.dataset}: {r.status}"))
 
         if scheduler:
             try:
@@ -169,7 +193,7 @@ def report(
     elif format_ == "markdown":
         _print_leaderboard(lb)
     else:
-        print(text)
+        print(clean(text))  # names from the cache, printed as text (the file written by -o keeps them exact)
     if png:
         for p in write_pngs(figs, png):
             err.print(f"wrote {p}")

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from backbench.cli import CacheOpt, JsonOpt, app, emit_json, err, out, table
+from backbench.cli import CacheOpt, JsonOpt, app, clean, emit_json, err, out, table
 from backbench.errors import BackbenchError
 
 
@@ -55,22 +55,32 @@ def _parse_shard(shard: str) -> tuple[int, int]:
 
 
 class _LazyBar:
-    """A rich progress bar with images/s that appears only once there is work to show."""
+    """A rich progress bar with images/s that appears once extraction starts.
+
+    Its clock starts when extraction reports ``(0, total)``, where the clock of the final
+    line's rate starts, and :meth:`finish` ends it on that line's rate, so the two agree.
+    """
 
     def __init__(self, label: str) -> None:
-        self.label, self.bar, self.task, self.t0 = label, None, None, 0.0
+        self.label, self.bar, self.task, self.t0 = clean(label), None, None, 0.0
 
     def __enter__(self) -> _LazyBar:
         return self
 
     def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
         if self.bar is None:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=err)
             self.bar.start()
-            self.task, self.t0 = self.bar.add_task(self.label, total=total, rate="-"), time.perf_counter()
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f}")
+            self.task, self.t0 = self.bar.add_task(self.label, total=total, rate="-"), now
+        rate = f"{done / (now - self.t0):.1f}" if done and now > self.t0 else "-"
+        self.bar.update(self.task, completed=done, total=total, rate=rate)
+
+    def finish(self, images_per_s: float) -> None:
+        """End on the rate extraction measured (the one the final line prints)."""
+        if self.bar is not None:
+            self.bar.update(self.task, rate=f"{images_per_s:.1f}")
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
@@ -138,6 +148,7 @@ def extract(
                       decode=decode, compile=compile_, features=features, layers=layers, views=views,
                       on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
                                                 f"group; waiting for it, then doing what is left"))
+            bar.finish(res.images_per_s)
         results.append(res.to_dict())
         if not json_:
             _say_extracted(res)
@@ -231,11 +242,26 @@ def info(
     attrs = {**group.attrs, **group.summary()}
     if json_:
         return emit_json(attrs)
-    rows = [{"key": k, "value": v if not isinstance(v, (list, dict)) or len(str(v)) < 100 else f"{str(v)[:97]}..."}
-            for k, v in attrs.items() if k not in ("skipped",)]
-    table(rows, ["key", "value"], title=group.path)
+    rows = [{"key": k, "value": _whole(v)} for k, v in attrs.items() if k != "skipped"]
+    if out.is_terminal:
+        table(rows, ["key", "value"], title=group.path)
+    else:  # pipes and logs: one `key: value` line each, every value whole
+        out.print(group.path, soft_wrap=True)
+        for r in rows:
+            out.print(f"{r['key']}: {r['value']}", soft_wrap=True)
     for s in attrs.get("skipped", []):
-        out.print(f"skipped {s['id']}: {s['error']}")
+        out.print(f"skipped {s['id']}: {s['error']}", soft_wrap=True)
+
+
+def _whole(value: object) -> object:
+    """An attribute as text, all of it (floats unrounded, records and lists as compact JSON)."""
+    import json
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+    return str(value)
 
 
 @app.command()

@@ -123,8 +123,12 @@ def results(
 
 
 def _params(r: dict) -> str:
-    p = {k: v for k, v in r.get("params", {}).items() if k not in ("Cs",)}
-    return " ".join(f"{k}={v}" for k, v in p.items())
+    """The record's parameters, the C grid in full, and the C the sweep chose."""
+    shown = {k: ",".join(f"{c:g}" for c in v) if k == "Cs" and isinstance(v, list) else v
+             for k, v in r.get("params", {}).items()}
+    if isinstance(r.get("chosen_C"), (int, float)):
+        shown["chosen_C"] = f"{r['chosen_C']:g}"
+    return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _main_metric(r: dict) -> str:

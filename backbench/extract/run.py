@@ -141,10 +141,15 @@ def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_cl
         diff = _mismatch(group.attrs, attrs)
         if not diff and group.n == n:
             return group
-        if not overwrite:
-            what = ", ".join(diff) or "number of samples"
+        if not overwrite and group.n != n:  # most often a --limit that differs from the stored one
             raise CacheMismatch(
-                f"{group.path} exists with a different {what}; pass --overwrite to replace it "
+                f"{group.path} holds {group.n} samples and this run asks for {n} (a different --limit, or "
+                f"changed data); rerun with --limit {group.n} to use it, pass --overwrite to extract all {n} "
+                f"again, or extract under another --dataset/--split name"
+            )
+        if not overwrite:
+            raise CacheMismatch(
+                f"{group.path} exists with a different {', '.join(diff)}; pass --overwrite to replace it "
                 f"or extract under another --dataset/--split name"
             )
     if chunk_rows is None:
@@ -668,6 +673,8 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
         return result
     device = resolve_device(device)
     started = time.perf_counter()
+    if progress:  # the progress bar's clock starts with this one (the rate of the final line)
+        progress(0, sum(map(len, batches)))
     skipped, result.decoded_on_device, (result.first_batch_s, result.waited_s) = run_batches(
         model, groups, src, batches, device=device, workers=default_workers(decode) if workers is None else workers,
         on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)

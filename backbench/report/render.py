@@ -147,7 +147,7 @@ def to_html(lb: Leaderboard, figs: dict[str, bytes], title: str = "backbench lea
             f"<h2>Leaderboard</h2><table><tr>{head}</tr>{body}</table>"
             + "".join(f"<p class='note'>Note: {html.escape(n)}</p>" for n in lb.notes()) +
             f"<h2>Figures</h2>{imgs}"
-            f"<h2>Provenance</h2><table><tr>{''.join(f'<th>{c}</th>' for c in prov_cols)}</tr>{prov}</table>"
+            f"<h2>Provenance</h2><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in prov_cols)}</tr>{prov}</table>"
             f"</body></html>")
 
 
