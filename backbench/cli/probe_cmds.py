@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, table
+from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, err, table
 from backbench.errors import BackbenchError
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted.")
@@ -169,12 +169,24 @@ def knn(
                     complete_only=complete_only)
     if json_:
         return emit_json([{**r, "reused": reused} for r, reused in pairs])
-    ks = pairs[0][0]["params"]["ks"]
+    # the ks actually used: a k beyond the gallery is reported as the gallery's size
+    ks = sorted({x for r, _ in pairs for x in r["metrics"].get("ks", r["params"]["ks"])})
     rows = [{"shots": r["params"].get("shots", "all"), "seed": r["seed"], "reused": reused,
-             **{f"top1@{x}": r["metrics"][f"top1@{x}"] for x in ks},
+             **{f"top1@{x}": r["metrics"].get(f"top1@{x}") for x in ks},
              **{f"top5@{x}": r["metrics"].get(f"top5@{x}") for x in ks}} for r, reused in pairs]
+    if note := _clip_note([r for r, _ in pairs]):
+        err.print(note)
     table(rows, ["shots", "seed", *[f"top1@{x}" for x in ks], *[f"top5@{x}" for x in ks], "reused"],
           title=f"kNN {backbone} on {dataset}: train {train}, eval {eval_}")
+
+
+def _clip_note(records: list[dict]) -> str:
+    """A note naming the ks larger than their gallery, and the k each is reported as."""
+    pairs = sorted({(int(k), int(n)) for r in records for k, n in r["metrics"].get("k_clipped", {}).items()})
+    if not pairs:
+        return ""
+    said = ", ".join(f"k={k} as top1@{n}" for k, n in pairs)
+    return f"note: k larger than the gallery (the train rows that vote) uses every gallery row: reported {said}"
 
 
 @app.command()

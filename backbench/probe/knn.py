@@ -199,7 +199,9 @@ def knn_eval(
     """Top-1 and top-5 accuracy of DINO's weighted kNN vote for every k, from one search.
 
     Each eval chunk is searched once at max(ks); every k votes with the first k of those
-    neighbours. k larger than the train set is clipped to it; ``search`` as in ``KNNClassifier``.
+    neighbours. k larger than the train set is clipped to it (its key still names the k asked:
+    ``run_knn``, which records and prints results, clips the ks first so that every key names
+    the k actually used); ``search`` as in ``KNNClassifier``.
     Returns ``{"top1@{k}": acc, "top5@{k}": acc, ..., "n_train", "n_eval", "n_classes"}`` with
     accuracies in [0, 1].
     """

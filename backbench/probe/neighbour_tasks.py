@@ -29,15 +29,23 @@ def _knn_metrics(train_X, train_y, ev: Split, ks: Sequence[int], temperature: fl
                  device: str) -> dict[str, Any]:
     from backbench.probe.knn import knn_eval
 
-    m = knn_eval(train_X, train_y, ev.X, ev.y, ks=ks, temperature=temperature, n_classes=n_classes, device=device)
-    main = MAIN_K if MAIN_K in ks else min(ks)
-    return {**m, "top1": m[f"top1@{main}"], "top5": m.get(f"top5@{main}"), "main_k": main}
+    n = int(train_X.shape[0])
+    used = sorted({min(int(k), n) for k in ks})  # a k beyond the gallery is reported as the k used
+    m = knn_eval(train_X, train_y, ev.X, ev.y, ks=used, temperature=temperature, n_classes=n_classes, device=device)
+    main = min(MAIN_K if MAIN_K in ks else min(ks), n)
+    return {**m, "top1": m[f"top1@{main}"], "top5": m.get(f"top5@{main}"), "main_k": main, "ks": used,
+            "k_clipped": {str(k): n for k in ks if k > n}}
 
 
 def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *, ks: Sequence[int] = (10, 20, 100, 200),
             temperature: float = 0.07, shots: Sequence[int] | None = None, seeds: int = 3, device: str = "cpu",
             force: bool = False, complete_only: bool = False) -> list[tuple[Record, bool]]:
-    """DINO-style weighted kNN; with ``shots``, K train images per class per seed (train only)."""
+    """DINO-style weighted kNN; with ``shots``, K train images per class per seed (train only).
+
+    A k larger than the gallery (the train rows that vote) uses the whole gallery and is
+    reported under the k used: ``top1@{n}``; ``metrics["ks"]`` lists the ks used and
+    ``metrics["k_clipped"]`` maps each k asked for to the one used.
+    """
     from backbench.probe.fewshot import few_shot_indices
 
     ks = sorted({int(k) for k in ks})
