@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import posixpath
 from pathlib import Path
 from typing import Any, Callable
 
@@ -168,8 +170,37 @@ class ImageFolder(_FileSource):
         self.ids, self.labels = ids, np.asarray(labels, dtype=np.int64)
 
 
+def _csv_reader(file: Path) -> csv.DictReader:
+    """A reader over a UTF-8 CSV (a byte-order mark is dropped); other encodings are refused
+    naming the first byte that is not UTF-8, rather than misread."""
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataSourceError(f"{str(file)!r} is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} (offset "
+                              f"{exc.start}) is not valid UTF-8; save the CSV as UTF-8 (e.g. `iconv -f latin1 -t "
+                              f"utf-8`)") from None
+    return csv.DictReader(io.StringIO(text, newline=""))
+
+
+def _once_each(file: Path, rows: list[tuple[str, str]], lines: list[int]) -> None:
+    """Refuse an image listed twice: with two labels it has no true one; with the same label it
+    would count twice (and be retrieved by itself). Paths compare normalized (``./a.png`` is ``a.png``)."""
+    seen: dict[str, tuple[str, int]] = {}
+    for (path, label), line in zip(rows, lines):
+        first = seen.setdefault(posixpath.normpath(path), (label, line))
+        if first[1] == line:
+            continue
+        if first[0] != label:
+            raise DataSourceError(f"{str(file)!r} lists {path!r} twice with different labels: {first[0]!r} (line "
+                                  f"{first[1]}) and {label!r} (line {line}); keep the right one")
+        raise DataSourceError(f"{str(file)!r} lists {path!r} twice (lines {first[1]} and {line}); "
+                              f"list each image once")
+
+
 class CsvSource(_FileSource):
-    """A CSV with columns ``path,label``; paths relative to the CSV's folder.
+    """A UTF-8 CSV with columns ``path,label``; paths relative to the CSV's folder, each listed once.
 
     Multi-label (``labels=[COL, ...]``, or ``["*"]`` for every column but ``path``): one 0/1
     column per label, as CheXpert's CSVs have (1 is positive; 0, -1 "uncertain" and blank
@@ -187,21 +218,22 @@ class CsvSource(_FileSource):
             raise DataSourceError(f"CSV file {str(file)!r} does not exist")
         if labels:
             return self._multilabel(file, labels)
-        with open(file, newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"path", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataSourceError(
-                    f"{str(file)!r} lacks column(s) {', '.join(sorted(missing))}; expected a header 'path,label' "
-                    f"(or name the label columns of a multi-label CSV with --labels)"
-                )
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
-                    raise DataSourceError(f"{str(file)!r} line {line}: empty path or label")
-                rows.append((row["path"].strip(), row["label"].strip()))
+        reader = _csv_reader(file)
+        missing = {"path", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataSourceError(
+                f"{str(file)!r} lacks column(s) {', '.join(sorted(missing))}; expected a header 'path,label' "
+                f"(or name the label columns of a multi-label CSV with --labels)"
+            )
+        rows, lines = [], []
+        for line, row in enumerate(reader, start=2):
+            if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+                raise DataSourceError(f"{str(file)!r} line {line}: empty path or label")
+            rows.append((row["path"].strip(), row["label"].strip()))
+            lines.append(reader.line_num)
         if not rows:
             raise DataSourceError(f"{str(file)!r} lists no images")
+        _once_each(file, rows, lines)
         names = {lab for _, lab in rows}
         numeric = all(n.lstrip("-").isdigit() for n in names)
         self.classes = sorted(names, key=(lambda n: int(n)) if numeric else None)
@@ -210,24 +242,26 @@ class CsvSource(_FileSource):
         self.labels = np.asarray([index[lab] for _, lab in rows], dtype=np.int64)
 
     def _multilabel(self, file: Path, labels: list[str]) -> None:
-        with open(file, newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = list(reader.fieldnames or [])
-            cols = [f for f in fields if f != "path"] if labels in (["*"], ["all"]) else list(labels)
-            missing = [c for c in ["path", *cols] if c not in fields]
-            if missing:
-                raise DataSourceError(f"{str(file)!r} lacks column(s) {', '.join(missing)} (has: {', '.join(fields)})")
-            if not cols or len(cols) > self.MAX_LABELS:
-                raise DataSourceError(f"--labels names {len(cols)} columns; a multi-label CSV needs 1 to "
-                                      f"{self.MAX_LABELS}")
-            ids, masks = [], []
-            for line, row in enumerate(reader, start=2):
-                if not (row.get("path") or "").strip():
-                    raise DataSourceError(f"{str(file)!r} line {line}: empty path")
-                ids.append(row["path"].strip())
-                masks.append(sum(1 << k for k, c in enumerate(cols) if _positive((row.get(c) or "").strip())))
+        reader = _csv_reader(file)
+        fields = list(reader.fieldnames or [])
+        cols = [f for f in fields if f != "path"] if labels in (["*"], ["all"]) else list(labels)
+        missing = [c for c in ["path", *cols] if c not in fields]
+        if missing:
+            raise DataSourceError(f"{str(file)!r} lacks column(s) {', '.join(missing)} (has: {', '.join(fields)})")
+        if not cols or len(cols) > self.MAX_LABELS:
+            raise DataSourceError(f"--labels names {len(cols)} columns; a multi-label CSV needs 1 to "
+                                  f"{self.MAX_LABELS}")
+        ids, masks, lines = [], [], []
+        for line, row in enumerate(reader, start=2):
+            if not (row.get("path") or "").strip():
+                raise DataSourceError(f"{str(file)!r} line {line}: empty path")
+            ids.append(row["path"].strip())
+            masks.append(sum(1 << k for k, c in enumerate(cols) if _positive((row.get(c) or "").strip())))
+            lines.append(reader.line_num)
         if not ids:
             raise DataSourceError(f"{str(file)!r} lists no images")
+        _once_each(file, [(p, "+".join(c for k, c in enumerate(cols) if m >> k & 1) or "none")
+                          for p, m in zip(ids, masks)], lines)
         self.spec = f"csv:{file}?labels={','.join(cols)}"
         self.classes, self.ids, self.labels = cols, ids, np.asarray(masks, dtype=np.int64)
         self.multilabel = True
