@@ -56,6 +56,10 @@ class MissingDependency(BackbenchError, ImportError):
     """An optional package that is not installed."""
 
 
+class BackbenchWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints one note line)."""
+
+
 def require(module: str, package: str | None = None):
     """Import ``module`` or raise :class:`MissingDependency` naming the pip package."""
     import importlib
