@@ -60,6 +60,12 @@ class BackbenchWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints one note line)."""
 
 
+class OptionError(BackbenchError, ValueError):
+    """A command-line value the command does not accept: a usage error (exit code 2)."""
+
+    exit_code = 2
+
+
 def require(module: str, package: str | None = None):
     """Import ``module`` or raise :class:`MissingDependency` naming the pip package."""
     import importlib

@@ -42,6 +42,25 @@ def test_usage_errors_are_clicks_message_on_one_line_with_exit_2(args, says, run
     assert code == 2 and line.startswith("error: ") and says in line
 
 
+@pytest.mark.parametrize("args, says", [
+    (["extract", RESNET, "--data", "digits", "--dataset", "d", "--split", "s", "--dtype", "int8"], "--dtype 'int8'"),
+    (["extract", RESNET, "--data", "digits", "--dataset", "d", "--split", "s", "--shard", "5/2"], "--shard '5/2'"),
+    (["extract", RESNET, "--data", "digits", "--dataset", "d", "--split", "s", "--on-error", "x"], "--on-error 'x'"),
+    (["probe", "-b", "x", "-d", "y", "--train", "a", "--eval", "b", "--C", "abc"], "--C 'abc'"),
+    (["probe", "-b", "x", "-d", "y", "--train", "a", "--eval", "b", "--C", "-1"], "--C values must be positive"),
+    (["retrieve", "-b", "x", "-d", "y", "--query", "a", "--gallery", "b", "--index", "lsh"], "--index 'lsh'"),
+    (["ood", "-b", "x", "--id-dataset", "d", "--id-train", "a", "--id-test", "b"], "give --ood"),
+    (["report", "--format", "xml"], "--format 'xml'"),
+    (["battle", "--workers", "2", "--scheduler", "tcp://h:1"], "not both"),
+    (["models", "--source", "nosuch"], "unknown source 'nosuch'"),
+])
+def test_bad_option_values_are_usage_errors(args, says, run_cli, tmp_path, monkeypatch):
+    """Told before anything is opened or created: exit 2, one line, nothing left behind."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(*args, *(["--cache", str(tmp_path / "c.zarr")] if args[0] not in ("models",) else []))
+    assert code == 2 and says in _one_line(err) and not any(tmp_path.iterdir())
+
+
 def test_no_such_option_suggests_the_close_one(run_cli):
     code, _, err = run_cli("probe", "-b", "x", "-d", "y", "--train", "a", "--eval", "b", "--Cs", "0.1")
     assert code == 2 and "--C" in _one_line(err).split("No such option: --Cs", 1)[1]

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from backbench.cli import JsonOpt, MemoryOpt, app, clean, emit_json, err, out, table
-from backbench.errors import BackbenchError
+from backbench.errors import BackbenchError, OptionError
 
 
 def report_path(cache_path: str) -> Path:
@@ -47,6 +47,8 @@ def battle(
     if show_config:
         out.print(DEFAULT_TOML, markup=False)
         return
+    if workers and scheduler:
+        raise OptionError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
     cfg = load_config(config)
     if device:
         cfg = with_device(cfg, device)
@@ -101,8 +103,6 @@ def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler:
 
     from backbench.battle.run import run_battle_dask
 
-    if workers and scheduler:
-        raise BackbenchError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
     lines = None if err.is_terminal else _CellLines(n_cells)
     with Progress(TextColumn("battle on dask", style="bold"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[detail]}", markup=False), console=err, disable=lines is not None) as bar:
@@ -182,7 +182,7 @@ def report(
     from backbench.report.render import FORMATS, figures, to_csv, to_html, to_json, to_markdown, write_pngs
 
     if format_ not in FORMATS:
-        raise BackbenchError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
+        raise OptionError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
     recs = _gather(cache, records)
     lb = build(recs)
     figs = figures(lb, cost_table(recs)) if (format_ == "html" or png) else {}

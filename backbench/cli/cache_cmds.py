@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from backbench.cli import CacheOpt, JsonOpt, app, clean, emit_json, err, out, table
-from backbench.errors import BackbenchError
+from backbench.errors import BackbenchError, OptionError
 
 
 @app.command()
@@ -31,7 +31,7 @@ def models(
 
     _ensure_sources()
     if source is not None and source not in SOURCES:
-        raise BackbenchError(f"unknown source {source!r}; sources: {', '.join(sorted(SOURCES))}")
+        raise OptionError(f"unknown source {source!r}; sources: {', '.join(sorted(SOURCES))}")
     rows = catalog(source, pattern, limit) if (pattern or source) else on_machine()
     if json_:
         return emit_json(rows)
@@ -51,7 +51,7 @@ def _parse_shard(shard: str) -> tuple[int, int]:
         assert 0 <= i < n
         return i, n
     except Exception:
-        raise BackbenchError(f"--shard {shard!r} must be I/N with 0 <= I < N, e.g. 0/4") from None
+        raise OptionError(f"--shard {shard!r} must be I/N with 0 <= I < N, e.g. 0/4") from None
 
 
 class _LazyBar:
@@ -129,9 +129,10 @@ def extract(
     from backbench.store import Cache
 
     if dtype not in ("float16", "float32"):
-        raise BackbenchError(f"--dtype {dtype!r}: use float16 or float32")
+        raise OptionError(f"--dtype {dtype!r}: use float16 or float32")
     if on_error not in ("fail", "skip"):
-        raise BackbenchError(f"--on-error {on_error!r}: use fail or skip")
+        raise OptionError(f"--on-error {on_error!r}: use fail or skip")
+    shard_at = _parse_shard(shard)
     for name in backbones:  # fail fast on typos before any model loads
         resolve(name)
     if processes > 1:
@@ -144,7 +145,7 @@ def extract(
         with _LazyBar(f"{name} {dataset}/{split}") as bar:
             res = run(name, source, cache=store, dataset=dataset, split=split, batch_size=batch_size,
                       device=device, dtype=dtype, workers=workers, limit=limit, overwrite=overwrite,
-                      chunk_rows=chunk_rows, shard=_parse_shard(shard), on_error=on_error, progress=bar,
+                      chunk_rows=chunk_rows, shard=shard_at, on_error=on_error, progress=bar,
                       decode=decode, compile=compile_, features=features, layers=layers, views=views,
                       on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
                                                 f"group; waiting for it, then doing what is left"))

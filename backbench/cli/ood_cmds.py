@@ -8,7 +8,7 @@ import typer
 
 from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, out, table
 from backbench.cli.probe_cmds import BackboneOpt, CompleteOpt, DeviceOpt, ForceOpt, probe_device
-from backbench.errors import BackbenchError
+from backbench.errors import OptionError
 
 
 @app.command()
@@ -36,7 +36,7 @@ def ood(
     from backbench.store import Cache
 
     if not ood_sets and not open_set:
-        raise BackbenchError("give --ood DATASET:SPLIT (one or more) or --open-set CLASS (one or more)")
+        raise OptionError("give --ood DATASET:SPLIT (one or more) or --open-set CLASS (one or more)")
     store, dev = Cache(cache, mode="r+"), probe_device(device)
     common = dict(scores=scores, device=dev, force=force, complete_only=complete_only)
     pairs = []

@@ -8,7 +8,7 @@ import numpy as np
 import typer
 
 from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, err, table
-from backbench.errors import BackbenchError
+from backbench.errors import OptionError
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted.")
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name in the cache.")
@@ -28,9 +28,9 @@ def parse_grid(text: Optional[List[str]]) -> Optional[list[float]]:
             return (10.0 ** np.linspace(float(lo), float(hi), int(num))).tolist()
         grid = [float(v) for v in items]
     except ValueError:
-        raise BackbenchError(f"--C {' '.join(text)!r}: give numbers (0.1 1 10) or log:LO:HI:NUM") from None
+        raise OptionError(f"--C {' '.join(text)!r}: give numbers (0.1 1 10) or log:LO:HI:NUM") from None
     if any(c <= 0 for c in grid):
-        raise BackbenchError("--C values must be positive")
+        raise OptionError("--C values must be positive")
     return grid
 
 
@@ -72,7 +72,8 @@ def probe(
     from backbench.probe.tasks import run_few_shot, run_probe, summarize_few_shot
     from backbench.store import Cache
 
-    store, grid, dev = Cache(cache, mode="r+"), parse_grid(C), probe_device(device)
+    grid = parse_grid(C)  # a typing mistake is told before the cache is opened
+    store, dev = Cache(cache, mode="r+"), probe_device(device)
     common = dict(val=val, Cs=grid, device=dev, force=force, complete_only=complete_only)
     if shots:
         pairs = run_few_shot(store, backbone, dataset, train, eval_, shots=shots, seeds=seeds, **common)
@@ -213,7 +214,7 @@ def retrieve(
     from backbench.store import Cache
 
     if index not in ("flat", "ivf", "hnsw"):
-        raise BackbenchError(f"--index {index!r}: use flat, ivf or hnsw")
+        raise OptionError(f"--index {index!r}: use flat, ivf or hnsw")
     record, reused = run_retrieval(Cache(cache, mode="r+"), backbone, dataset, query, gallery, ks=ks or (1, 5, 10), index=index,
                                    device=probe_device(device), force=force, complete_only=complete_only)
     if json_:
