@@ -64,6 +64,11 @@ def test_tables_of_results_and_the_leaderboard_print_names_as_text(hostile, run_
         code, out, err = run_cli(*args, "--cache", hostile)
         assert code == 0, err
         assert "[bold]b[/oops]\\x1b[2J" in _plain(out), args
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(out)))  # still a CSV: its line ends are not escaped
+    assert [r["backbone"] for r in rows] == ["fake:[bold]b[/oops]\\x1b[2J"] and "\\x0d" not in out
 
 
 def test_errors_print_names_as_text(hostile, run_cli):

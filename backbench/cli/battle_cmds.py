@@ -193,7 +193,8 @@ def report(
     elif format_ == "markdown":
         _print_leaderboard(lb)
     else:
-        print(clean(text))  # names from the cache, printed as text (the file written by -o keeps them exact)
+        # names from the cache printed as text (the file written by -o keeps them exact); csv's \r\n is a line end
+        print(clean(text.replace("\r\n", "\n")))
     if png:
         for p in write_pngs(figs, png):
             err.print(f"wrote {p}")
