@@ -126,7 +126,6 @@ def extract(
     from backbench.extract.backbones import resolve
     from backbench.extract.data import open_source
     from backbench.extract.run import extract as run
-    from backbench.store import Cache
 
     if dtype not in ("float16", "float32"):
         raise OptionError(f"--dtype {dtype!r}: use float16 or float32")
@@ -139,7 +138,8 @@ def extract(
         if download:  # fetch once here, not in N shard processes racing to write the same files
             open_source(data, split, download=True)
         return _launch_shards(processes)
-    source, store = open_source(data, split, download=download, labels=labels), Cache(cache)
+    # the cache goes by path: extract() opens (creates) it once the backbone has loaded
+    source, store = open_source(data, split, download=download, labels=labels), cache
     results = []
     for name in backbones:
         with _LazyBar(f"{name} {dataset}/{split}") as bar:

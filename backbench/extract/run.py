@@ -26,7 +26,7 @@ from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, LoaderPace, jpeg
                                      started_decode)
 from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
-from backbench.store.cache import Cache
+from backbench.store.cache import READ_ONLY_SCHEMES, Cache, default_cache_path, url_scheme
 from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for, group_key
 from backbench.store.lock import local_file, locked
 
@@ -578,12 +578,17 @@ def extract(
     :mod:`backbench.extract.decode`), "mixed" (both) or "auto" (mixed on a GPU; a resumed group keeps the
     decoding it was started with). ``compile``: wrap the forward pass in ``torch.compile``.
     """
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
-    cache.require_writable("extract")  # http(s):// caches are read-only: refuse before loading a model
+    if not isinstance(cache, Cache) and url_scheme(default_cache_path(cache)) in READ_ONLY_SCHEMES:
+        cache = Cache(cache)  # opens read-only, creates nothing
+    if isinstance(cache, Cache):
+        cache.require_writable("extract")  # http(s):// caches are read-only: refuse before loading a model
     device = resolve_device(device)
     batch_size = batch_size or default_batch_size(device)
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
     src = limit_source(source if isinstance(source, ImageSource) else open_source(source, split), limit)
+    # a cache named by path is opened (made, if new) only now: a backbone or data source that
+    # fails to load leaves no empty cache behind
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
     if decode == "auto" and (model.name, dataset, split) in cache and not overwrite:
         started = started_decode(cache.group(model.name, dataset, split).attrs.get("preprocess", {}))
         decode = started if src.has_bytes else "workers"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,90 @@ def local_weights_path(arch: str) -> Path | None:
     return Path(getattr(module, entry[1]).get_model_file_path())
 
 
+PROBE_TIMEOUT_S = 3.0  # how long one request may take to tell a reachable weights server from none
+
+
+def answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the server of ``url`` answers one HEAD request within ``timeout`` (any HTTP status
+    counts). It runs in a daemon thread, so a DNS lookup that hangs is bounded too."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered: list[bool] = []
+
+    def head() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # an HTTP error status is an answer
+        except Exception:
+            return
+        answered.append(True)
+
+    thread = threading.Thread(target=head, name="backbench-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
 @contextmanager
-def _fetching(what: str, instead: str):
-    """A failed download of pretrained weights becomes one line: what could not be had, and
-    what to use offline instead."""
+def _loading():
+    """While a library loads a model: third-party logging is off (no "Retrying in 8s" lines, no
+    root logger configured behind our back) and every ``torch.load`` is weights-only, also where
+    a library asks for a full unpickle (torch.hub, under torchvision)."""
+    import logging
+    import os
+
+    root, guard = logging.getLogger(), logging.NullHandler()
+    added = not root.handlers  # a handler stops logging.error() from calling basicConfig()
+    if added:
+        root.addHandler(guard)
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.ERROR))
     try:
         yield
-    except Exception as exc:
-        raise WeightsError(f"cannot get {what} ({type(exc).__name__}); offline? use {instead}") from exc
+    finally:
+        logging.disable(disabled)
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+        if added:
+            root.removeHandler(guard)
+
+
+@contextmanager
+def _hub_or_offline():
+    """Load through the Hugging Face hub if it answers one quick request; else in huggingface_hub's
+    own offline mode, where files in the local cache load and others fail at once (no retries).
+    Yields why the hub was not asked ("" when it was)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        yield "; HF_HUB_OFFLINE is set, so only the local Hugging Face cache was read"
+        return
+    if answers(constants.ENDPOINT):
+        yield ""
+        return
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield f"; {constants.ENDPOINT} did not answer, so only the local Hugging Face cache was read"
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+@contextmanager
+def _fetching(what: str, instead: str, hub: bool = True):
+    """A failed download of pretrained weights becomes one line: what could not be had, why, and
+    what to use offline instead. ``hub``: the weights come through the Hugging Face hub."""
+    with _loading(), (_hub_or_offline() if hub else nullcontext("")) as why:
+        try:
+            yield
+        except Exception as exc:
+            raise WeightsError(f"cannot get {what} ({type(exc).__name__}{why}); offline? use {instead}") from exc
 
 
 def _seeded():
@@ -242,6 +318,19 @@ def _tv_on_machine() -> list[tuple[str, str]]:
     return out
 
 
+def _tv_reachable(weights: Any, what: str, instead: str) -> None:
+    """Refuse at once (no "Downloading:" line, no wait) when the weights file is not in the torch
+    hub cache and its server does not answer one quick request."""
+    import torch.hub
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    name = weights.url.rsplit("/", 1)[-1]
+    if not (folder / name).is_file() and not answers(weights.url):
+        host = weights.url.split("/")[2]
+        raise WeightsError(f"cannot get {what} ({host} did not answer and {name} is not in {folder}); "
+                           f"offline? use {instead}")
+
+
 _TV_AUX = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 
@@ -304,8 +393,10 @@ def load_torchvision(spec: BackboneSpec) -> Backbone:
     tags = enum.__members__
     if spec.weights is None or spec.weights in tags:
         weights = tags[spec.weights or "DEFAULT"]
-        with _fetching(f"torchvision weights {weights}", f"torchvision:{spec.id}@random, "
-                       f"torchvision:{spec.id}@PATH, or a name from `backbench models`"):
+        what = f"torchvision weights {weights}"
+        instead = f"torchvision:{spec.id}@random, torchvision:{spec.id}@PATH, or a name from `backbench models`"
+        _tv_reachable(weights, what, instead)
+        with _fetching(what, instead, hub=False):
             model = tvm.get_model(spec.id, weights=weights)
         has_logits, note = True, f"torchvision weights {weights}"
     else:
@@ -491,6 +582,47 @@ def _hf_quiet():
     return quiet()
 
 
+def _hf_custom_code(repo: str, files: tuple[str, ...]) -> list[str]:
+    """What the ``auto_map`` of these config files of the repo names: Python code in the repo."""
+    import json
+
+    from transformers.utils import cached_file
+
+    names: list[str] = []
+    for file in files:
+        try:
+            path = cached_file(repo, file, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+            auto = (json.loads(Path(path).read_text()).get("auto_map") or {}) if path else {}
+        except Exception:
+            continue
+        for value in auto.values() if isinstance(auto, dict) else []:
+            names += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return sorted(set(names))
+
+
+def _hf_refuse_custom_code(spec: BackboneSpec, repo: str, where: str, file: str = "config.json") -> None:
+    """Raise the one-line refusal if loading failed because ``file`` asks for the repo's own code."""
+    names = _hf_custom_code(repo, (file,))
+    if names:
+        raise WeightsError(
+            f"hf:{spec.id} needs custom code ({', '.join(names)} in {where}); backbench never runs code from "
+            f"a model repo: use a model transformers supports itself, or build the module in Python and "
+            f"pass it to backbench.extract.backbones.custom_backbone()"
+        )
+
+
+def _hf_refuse_random_tensors(spec: BackboneSpec, base: Any, missing: list[str], where: str) -> None:
+    """Tensors the weights lack are random init: features would not be the pretrained model's.
+    A missing pooler is allowed (the CLS token is used instead), as is a mask token (unused)."""
+    random = [k for k in missing if not (k.startswith("pooler.") or ".pooler." in k or k.endswith("mask_token"))]
+    if random:
+        raise WeightsError(
+            f"hf:{spec.id}: {len(random)} tensor(s) of {type(base).__name__} are not in the weights in {where} "
+            f"(e.g. {', '.join(random[:3])}) and would be random; check that the repo holds this model's weights"
+        )
+
+
 def _strip_prefix(sd: dict[str, Any], model: Any) -> dict[str, Any]:
     """A state dict saved from a task model (``vit.*`` + ``classifier.*``) -> the base model's keys."""
     prefix = getattr(model, "base_model_prefix", "") + "."
@@ -518,28 +650,31 @@ def load_hf(spec: BackboneSpec) -> Backbone:
     if spec.weights == LOCAL:
         raise WeightsError(f"hf: has no @local weights; a hub repo in the local cache loads as hf:{spec.id}, "
                            f"a directory as hf:/path/to/dir")
-    with _hf_quiet():
+    # trust_remote_code=False everywhere: code shipped in a model repo never runs, and nothing prompts
+    with _hf_quiet(), _loading(), (nullcontext("") if _hf_is_dir(spec.id) else _hub_or_offline()) as why:
         try:
-            config = AutoConfig.from_pretrained(repo)
+            config = AutoConfig.from_pretrained(repo, trust_remote_code=False)
         except Exception as exc:
+            _hf_refuse_custom_code(spec, repo, where)
             raise WeightsError(
                 f"cannot read a transformers config from {where} ({type(exc).__name__}: "
-                f"{(str(exc).splitlines() or [''])[0][:160]}); offline? a hub id needs the network once, "
+                f"{(str(exc).splitlines() or [''])[0][:160]}{why}); offline? a hub id needs the network once, "
                 f"or give hf:/path/to/a/save_pretrained/dir"
             ) from exc
         pool = "pooler"
         try:
             if spec.weights is None:
-                base, info = AutoModel.from_pretrained(repo, output_loading_info=True)
+                base, info = AutoModel.from_pretrained(repo, output_loading_info=True, trust_remote_code=False)
                 missing = list(info.get("missing_keys", []))
                 commit = getattr(config, "_commit_hash", None)
                 note = f"pretrained weights from {where} via transformers"
                 note += f" (commit {commit[:12]})" if commit else ""
             else:
                 _seeded()
-                base = AutoModel.from_config(config)
+                base = AutoModel.from_config(config, trust_remote_code=False)
                 missing, note = [], "random init (torch seed 0)"
         except Exception as exc:
+            _hf_refuse_custom_code(spec, repo, where)
             raise WeightsError(f"cannot build a transformers model from {where} ({type(exc).__name__}: "
                                f"{(str(exc).splitlines() or [''])[0][:160]})") from exc
         path = spec.weights_path
@@ -548,6 +683,7 @@ def load_hf(spec: BackboneSpec) -> Backbone:
             with_pooler, how = apply_state_dict(base, _strip_prefix(read_state_dict(path), base), pooler_keys)
             missing = [] if with_pooler else sorted(pooler_keys)
             note = f"{path}: {how}"
+        _hf_refuse_random_tensors(spec, base, missing, where)
         if any(k.startswith("pooler.") or ".pooler." in k for k in missing):
             pool = "cls"  # the pooler was not in the weights (e.g. DINO ViTs): never use an untrained layer
             note += "; no pooler weights, features are the CLS token"
@@ -556,8 +692,9 @@ def load_hf(spec: BackboneSpec) -> Backbone:
             raise BackboneNotFound(f"hf:{spec.id} is a {type(base).__name__}, not a vision model "
                                    f"(its forward takes no pixel_values)")
         try:
-            processor = AutoImageProcessor.from_pretrained(repo)
+            processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=False)
         except Exception:
+            _hf_refuse_custom_code(spec, repo, where, "preprocessor_config.json")  # never defaults instead
             processor = None
     pre, how = _hf_preprocess(processor, config)
     if processor is None:
