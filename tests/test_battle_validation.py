@@ -132,3 +132,26 @@ def test_env_cache_beats_the_config_and_report_finds_the_results(tmp_path, monke
     assert [r["task"] for r in ResultsLog(Cache("x.zarr", mode="r")).records()] == ["probe"]
     code, out, err = run_cli("report", "--format", "json")
     assert code == 0 and '"backbone": "timm:test_resnet@random"' in out
+
+
+def test_a_missing_weights_file_is_left_to_its_cells_and_reported_in_one_line(tmp_path):
+    from backbench.battle.run import run_battle
+
+    raw = _with(backbones=["timm:test_resnet@/no/such/weights.pth"])
+    summary = run_battle(parse_config(raw), Cache(str(tmp_path / "c.zarr")))
+    (extract, *_), probe = summary.failed, summary.failed[-1]
+    assert extract.status == "failed" and "does not exist" in extract.message and "\n" not in extract.message
+    assert not extract.traceback and probe.status == "skipped"
+
+
+def test_an_unexpected_error_is_one_line_in_the_table_with_its_traceback_kept_apart():
+    from backbench.battle.run import Cell, CellResult
+
+    result = CellResult(Cell("probe", "b:x", "d"), "done")
+    try:
+        int("five\nsix")
+    except ValueError as exc:
+        result.fail(exc)
+    assert result.status == "failed" and "\n" not in result.message
+    assert result.message.startswith("unexpected ValueError: invalid literal") and "Traceback" not in result.message
+    assert "int(\"five\\nsix\")" in result.traceback and result.to_dict()["traceback"] == result.traceback

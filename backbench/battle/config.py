@@ -208,19 +208,23 @@ def _dataset(name: str, raw: Any, problems: _Problems) -> DatasetSpec | None:
 
 
 def _backbones(raw: Any, source: str, problems: _Problems) -> list[str]:
-    """Each name resolvable by the backbone registry (parsed and checked; no weights loaded)."""
+    """Each name resolvable by the backbone registry: source and model known (no weights loaded;
+    a weights file that is missing fails its extraction cells, with its own message)."""
     if not isinstance(raw, list) or not raw or not all(isinstance(b, str) for b in raw):
         problems.append(f"{source}: `backbones` must be a non-empty list of names like \"timm:resnet18@random\"")
         return []
+    from backbench.errors import WeightsError
     from backbench.extract.backbones import resolve
     from backbench.extract.kinds import parse_kind
 
     for i, b in enumerate(raw):
         name, _, kind = b.partition("#")  # NAME#KIND ranks a feature kind of NAME as its own row
         try:
-            resolve(name)
             if kind:
                 parse_kind(kind)
+            resolve(name)
+        except WeightsError:  # a weights file is the extraction cell's to find (a cluster may see it, we may not)
+            continue
         except BackbenchError as exc:
             problems.append(f"backbones[{i}] {b!r}: {exc}")
     return list(raw)

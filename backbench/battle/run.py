@@ -39,7 +39,18 @@ class CellResult:
     status: str  # "done", "reused", "failed", "skipped"
     seconds: float = 0.0
     records: int = 0
-    message: str = ""
+    message: str = ""  # one line: what went wrong
+    traceback: str = ""  # an unexpected error's traceback (in --json output, not in the table)
+
+    def fail(self, exc: Exception) -> None:
+        """Record ``exc``: a BackbenchError's own message; anything else as a bug, with its traceback."""
+        self.status = "failed"
+        text = " | ".join(str(exc).splitlines())
+        if isinstance(exc, BackbenchError):
+            self.message = text
+            return
+        self.message = f"unexpected {type(exc).__name__}: {text}"
+        self.traceback = traceback.format_exc(limit=-4)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self.cell), **{k: v for k, v in asdict(self).items() if k != "cell"}}
@@ -157,11 +168,8 @@ def run_battle(config: BattleConfig, cache: Cache, *, on_start: Callable[[Cell, 
                 pairs = _task(cell, config, cache, device)
                 result.records = len(pairs)
                 result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
-        except BackbenchError as exc:
-            result.status, result.message = "failed", str(exc)
         except Exception as exc:  # a bug in one cell must not sink the battle
-            result.status = "failed"
-            result.message = f"unexpected {type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2)}"
+            result.fail(exc)
         if cell.stage == "extract" and result.status == "failed":
             failed.add((cell.backbone, cell.dataset, cell.split))
         result.seconds = time.perf_counter() - started
@@ -194,11 +202,8 @@ def _run_cell(cell: Cell, config: BattleConfig, cache_path: str, device: str, *i
             pairs = _task(cell, config, Cache(cache_path, mode="r+"), device)
             result.records = len(pairs)
             result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
-    except BackbenchError as exc:
-        result.status, result.message = "failed", str(exc)
     except Exception as exc:
-        result.status = "failed"
-        result.message = f"unexpected {type(exc).__name__}: {exc} | {traceback.format_exc(limit=-2)}"
+        result.fail(exc)
     result.seconds = time.perf_counter() - started
     return result
 

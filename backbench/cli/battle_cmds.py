@@ -139,7 +139,7 @@ def _finish(summary, store, json_: bool) -> None:
     target.write_text(to_html(lb, figures(lb, cost_table(records))))
     rows = [r.to_dict() for r in summary.results]
     if json_:
-        emit_json({"cells": rows, "leaderboard": lb.to_dict(), "report": str(target)})
+        emit_json({"cells": rows, "leaderboard": lb.to_dict(), "report": str(target), "cache": str(store.path)})
     else:
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "reused", "failed", "skipped")}
         out.print("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
@@ -148,6 +148,7 @@ def _finish(summary, store, json_: bool) -> None:
             table(bad, ["stage", "backbone", "dataset", "split", "status", "message"], title="failed cells")
         _print_leaderboard(lb)
         out.print(f"HTML report: {target}")
+        out.print(f"the leaderboard again: backbench report --cache {store.path}")
     if summary.failed:
         raise typer.Exit(1)
 
