@@ -48,6 +48,10 @@ class IncompleteGroup(CacheError):
     """A group whose extraction has not finished."""
 
 
+class DamagedGroup(CacheError, ValueError):
+    """A group whose arrays, attributes or chunks disagree with each other or with their checksums."""
+
+
 class ProbeInputError(BackbenchError, ValueError):
     """Inputs to a probe that cannot give a meaningful result."""
 
@@ -56,14 +60,18 @@ class MissingDependency(BackbenchError, ImportError):
     """An optional package that is not installed."""
 
 
-class BackbenchWarning(UserWarning):
-    """Something the user should know that does not stop the command (the CLI prints one note line)."""
-
-
 class OptionError(BackbenchError, ValueError):
     """A command-line value the command does not accept: a usage error (exit code 2)."""
 
     exit_code = 2
+
+
+class BackbenchWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints one note line)."""
+
+
+class DamagedWarning(BackbenchWarning):
+    """A group skipped by a listing because its metadata cannot be read (``backbench verify`` lists it)."""
 
 
 def require(module: str, package: str | None = None):

@@ -85,17 +85,16 @@ def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complet
         return Split(np.hstack([p.X for p in parts]), parts[0].y, parts[0].classes, parts[0].group, split, parts[0].logits,
                      tuple(p.key for p in parts))
     group = cache.group(backbone, dataset, split, kinds[0])
-    y = group.labels(complete_only=complete_only)
     if memory_limit is None:
         memory_limit = current_limit()
-    if len(y) * group.dim * 4 > memory_limit:
-        rows = group._rows(complete_only)
-        rows = np.arange(group.n) if isinstance(rows, slice) else rows
+    rows = group.rows(complete_only)
+    if len(rows) * group.dim * 4 > memory_limit:
+        y = group.labels(complete_only=complete_only)
         keep = y >= 0
         L = group.logits(complete_only=complete_only, dtype=np.float32) if logits and group.has_logits else None
         return Split(GroupRows.of(group, rows[keep]), y[keep], list(group.attrs["classes"]), group, split,
                      L[keep] if L is not None else None)
-    X = group.features(complete_only=complete_only, dtype=np.float32)
+    X, y = group.read_labeled(complete_only=complete_only, dtype=np.float32)
     L = group.logits(complete_only=complete_only, dtype=np.float32) if logits and group.has_logits else None
     keep = y >= 0
     if not keep.all():

@@ -110,12 +110,9 @@ class GroupRows:
         """One row chunk of a part's group as float32 (the last one read is kept)."""
         if self._cached is not None and self._cached[:2] == (part, chunk):
             return self._cached[2]
-        from backbench.store.group import _read_rows
-
         group = self.parts[part][0]
         a, b = group.chunk_bounds(chunk)
-        raw = np.empty((b - a, group.dim), dtype=group.array("features").dtype)
-        _read_rows(group.array("features"), a, b, raw)
+        raw = group.read_chunk(chunk)[0]  # checked against the chunk's checksum
         import torch
 
         out = torch.from_numpy(raw).float().numpy()  # torch's float16 conversion is vectorized

@@ -13,7 +13,9 @@ import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch
 from backbench.store.cache import Cache
-from backbench.store.group import _as_crc, cache_key, chunk_rows_for, group_key
+from backbench.store.chunks import as_crc
+from backbench.store.verify import refuse_damaged
+from backbench.store.group import cache_key, chunk_rows_for, group_key
 
 
 JSON_ATTRS = "backbench_json_attrs"  # on each exported group: the attributes stored as JSON text
@@ -31,10 +33,13 @@ def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None
     import h5py
 
     written = []
+    refuse_damaged(cache)
     with h5py.File(target, "w") as h5:
         h5.attrs["backbench"] = "feature cache export"
         h5.attrs["source_cache"] = str(cache.path)
         for group in cache.groups():
+            group.check().check_files()
+            group.check_chunks(group.node["features"][:], group.node["labels"][:])
             g = h5.require_group(group.path)
             for key, value in group.attrs.items():
                 g.attrs[key] = _h5_attr(value)
@@ -221,7 +226,7 @@ def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) ->
             return g["features"][a:b], g["labels"][a:b].astype(np.int64), ids[a:b], (
                 None if logits is None else logits[a:b])
 
-        stored = (np.array([_as_crc(_py(v)) for v in g["chunk_checksum"][()]], dtype=np.int64)
+        stored = (np.array([as_crc(_py(v)) for v in g["chunk_checksum"][()]], dtype=np.int64)
                   if "chunk_checksum" in g else None)
         rows = Rows(f"{where}:{g.name}", n, int(attrs["chunk_rows"]), read, stored=stored,
                     algorithm=attrs.get("checksum", "crc32"))

@@ -1,23 +1,29 @@
-"""One (backbone, dataset, split) group of the cache: its arrays and its provenance."""
+"""One (backbone, dataset, split) group of the cache: its arrays and its provenance.
+
+What a group holds is what its checksums say: a row chunk is done when its marker in
+``chunk_checksum`` holds the CRC of its feature and label bytes, and every read checks the
+chunks it returns against those markers. Attributes that describe the arrays (``n``, ``dim``,
+``dtype``, ``chunk_rows``, ``n_chunks``) are checked against the arrays' own metadata before
+anything is read, so an edited, torn or half-created group is refused, never read.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
-import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backbench.errors import CacheError, IncompleteGroup
+from backbench.errors import CacheError, DamagedGroup, IncompleteGroup
+from backbench.store.chunks import (CHECKSUM, as_crc, chunk_checksum, is_local, missing_chunks, read_rows,
+                                    write_rows)
 
 CHUNK_BYTES = 4 << 20  # ~4 MiB of features per row chunk (measured: bench/extract.py)
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocess", "feature_kind", "dataset_fingerprint", "dtype")
+WRITE_THREADS = 4  # bulk writes: enough to keep a disk busy, measured in bench/extract.py
+ARRAYS = ("features", "labels", "ids", "chunk_checksum")  # every group has these; logits is optional
 
 
 def chunk_rows_for(dim: int, itemsize: int, n: int) -> int:
@@ -26,136 +32,29 @@ def chunk_rows_for(dim: int, itemsize: int, n: int) -> int:
     return int(max(1, min(rows, n)))
 
 
-WRITE_THREADS = 4  # bulk writes: enough to keep a disk busy, measured in bench/extract.py
-CHECKSUM = "crc32c"  # integrity, not security: hardware CRC-32C (zarr's own dependency), ~15 GB/s
-
-
-def _bytes(a: np.ndarray) -> np.ndarray:
-    view = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-    view.flags.writeable = False  # google_crc32c takes read-only buffers
-    return view
-
-
-def chunk_checksum(features: np.ndarray, labels: np.ndarray, algorithm: str = CHECKSUM) -> int:
-    """CRC of the chunk's feature bytes, then its label bytes: CRC-32C, or CRC-32 (zlib) for schema-1 groups."""
-    if algorithm == "crc32":
-        return zlib.crc32(_bytes(labels), zlib.crc32(_bytes(features)))
-    import google_crc32c
-
-    return google_crc32c.extend(google_crc32c.value(_bytes(features)), _bytes(labels))
-
-
-def raw_chunk_file(arr, chunk: int) -> Path | None:
-    """The file of row chunk ``chunk`` when it is stored raw on a local disk, else None.
-
-    Uncompressed little-endian chunks hold exactly the C-order bytes of the (full-size)
-    chunk, so they can be read into, or written from, a numpy buffer with no zarr codec
-    pipeline in between: the same bytes zarr reads and writes, at ``.npy`` speed.
-    """
-    return _chunk_file(arr, chunk) if _raw_layout(arr) == "bytes" else None
-
-
-def _is_local(arr) -> bool:
-    """True for an array in a local folder; others (fsspec stores at URLs) always go through zarr."""
-    from zarr.storage import LocalStore
-
-    return isinstance(arr.store_path.store, LocalStore)
-
-
-def _raw_layout(arr) -> str | None:
-    """"bytes" (plain native-endian), "vlen-utf8" (uncompressed strings) or None, for a local array."""
-    from zarr.codecs import BytesCodec, VLenUTF8Codec
-
-    codecs = arr.metadata.codecs
-    if not _is_local(arr) or len(codecs) != 1:
-        return None
-    if isinstance(codecs[0], VLenUTF8Codec):
-        return "vlen-utf8"
-    if isinstance(codecs[0], BytesCodec) and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder):
-        return "bytes"
-    return None
-
-
-def _chunk_file(arr, chunk: int) -> Path:
-    key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
-    return Path(arr.store_path.store.root) / arr.path / key
-
-
-def _read_rows(arr, start: int, stop: int, out: np.ndarray) -> None:
-    """Rows [start, stop) of one whole row chunk into ``out`` (a C-contiguous view)."""
-    rows = arr.chunks[0]
-    path = raw_chunk_file(arr, start // rows) if start % rows == 0 else None
-    if path is None:
-        out[...] = arr[start:stop]
-        return
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            got = fh.readinto(memoryview(out).cast("B"))
-    except FileNotFoundError:  # zarr leaves chunks equal to the fill value unwritten
-        out[...] = arr.metadata.fill_value
-        return
-    if got != out.nbytes:
-        out[...] = arr[start:stop]  # a short file: let zarr decide (it raises on corruption)
-
-
-def _write_rows(arr, start: int, values: np.ndarray) -> None:
-    """Write one whole row chunk starting at ``start``, atomically (tmp file + rename).
-
-    Raw chunks are written as their bytes; uncompressed string chunks through numcodecs'
-    VLenUTF8 (the codec zarr itself runs), skipping zarr's per-chunk machinery.
-    """
-    rows = arr.chunks[0]
-    layout = _raw_layout(arr) if start % rows == 0 else None
-    if layout is None:
-        arr[start : start + len(values)] = values
-        return
-    if layout == "vlen-utf8":
-        from numcodecs import VLenUTF8
-
-        full = np.full(rows, arr.metadata.fill_value, dtype=object)  # edge chunks are stored full-size
-        full[: len(values)] = values
-        data = memoryview(VLenUTF8().encode(full))
-    else:
-        full = values
-        if len(values) != rows or not values.flags.c_contiguous or values.dtype != arr.dtype:
-            full = np.zeros((rows,) + arr.shape[1:], dtype=arr.dtype)
-            full[: len(values)] = values
-        data = memoryview(full).cast("B")
-    path = _chunk_file(arr, start // rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 class FeatureGroup:
-    """Typed access to one group. Reading refuses incomplete groups unless asked."""
+    """Typed access to one group. Reading refuses incomplete, damaged or changed groups."""
 
     def __init__(self, node) -> None:
         self.node = node
         self._arrays: dict[str, Any] = {}
+        self._checked = False
 
     def array(self, name: str):
         """An array of the group, opened once (each open reads its metadata)."""
         if name not in self._arrays:
-            self._arrays[name] = self.node[name]
+            try:
+                self._arrays[name] = self.node[name]
+            except KeyError:
+                raise self._damaged(f"its {name} array is missing") from None
+            except Exception as exc:
+                raise self._damaged(f"{name}/zarr.json cannot be read ({type(exc).__name__}: {exc})") from None
         return self._arrays[name]
 
     # ------------------------------------------------------------------ create
     @classmethod
-    def create(
-        cls,
-        root,
-        path: str,
-        *,
-        n: int,
-        dim: int,
-        num_classes: int = 0,
-        dtype: str = "float16",
-        chunk_rows: int | None = None,
-        attrs: dict[str, Any],
-    ) -> FeatureGroup:
+    def create(cls, root, path: str, *, n: int, dim: int, num_classes: int = 0, dtype: str = "float16",
+               chunk_rows: int | None = None, attrs: dict[str, Any]) -> FeatureGroup:
         np_dtype = np.dtype(dtype)
         rows = int(chunk_rows or chunk_rows_for(dim, np_dtype.itemsize, n))
         n_chunks = -(-n // rows) if n else 0
@@ -189,7 +88,10 @@ class FeatureGroup:
 
     def __getattr__(self, key: str) -> Any:
         if key in ("backbone", "dataset", "split", "n", "dim", "dtype", "chunk_rows", "n_chunks", "classes"):
-            return self.node.attrs[key]
+            try:
+                return self.node.attrs[key]
+            except KeyError:
+                raise self._damaged(f"its attributes lack {key!r}") from None
         raise AttributeError(key)
 
     @property
@@ -201,24 +103,42 @@ class FeatureGroup:
     def has_logits(self) -> bool:
         return "logits" in self.node
 
+    def _damaged(self, detail: str) -> DamagedGroup:
+        return DamagedGroup(f"group {self.path} is damaged: {detail}; find all damage with `backbench verify`, "
+                            f"then re-extract the group with `backbench extract ... --overwrite`")
+
+    def check(self) -> FeatureGroup:
+        """Refuse (:class:`DamagedGroup`) a group whose attributes disagree with its arrays."""
+        if self._checked:
+            return self
+        problem = structure_problem(self)
+        if problem:
+            raise self._damaged(problem)
+        self._checked = True
+        return self
+
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         start = chunk * self.chunk_rows
         return start, min(self.n, start + self.chunk_rows)
 
     def stored_checksums(self) -> np.ndarray:
-        """Each row chunk's CRC-32 as written, -1 where the chunk is not done yet.
+        """Each row chunk's checksum as written, -1 where the chunk is not done (or its marker is lost).
 
         (Caches of schema 1 stored them as hex strings, "" for not done; read the same way.)
         """
+        self.check()
         if not self.n_chunks:
             return np.zeros(0, dtype=np.int64)
         arr = self.array("chunk_checksum")
+        out = np.full(self.n_chunks, -1, dtype=np.int64)
+        if arr.dtype.kind in "iu" and is_local(arr):
+            for i in range(self.n_chunks):
+                try:
+                    read_rows(arr, i, i + 1, out[i : i + 1])
+                except (OSError, ValueError):  # no marker, or one torn by a crash: not done
+                    out[i] = -1
+            return out
         try:
-            if arr.dtype.kind in "iu" and _is_local(arr):
-                out = np.empty(self.n_chunks, dtype=np.int64)
-                for i in range(self.n_chunks):
-                    _read_rows(arr, i, i + 1, out[i : i + 1])
-                return out
             values = arr[:]
         except Exception:  # a marker torn by a crash: that chunk is not done
             values = np.empty(self.n_chunks, dtype=object)
@@ -227,7 +147,7 @@ class FeatureGroup:
                     values[i] = arr[i]
                 except Exception:
                     values[i] = -1
-        return np.array([_as_crc(v) for v in values], dtype=np.int64)
+        return np.array([as_crc(v) for v in values], dtype=np.int64)
 
     def done_chunks(self) -> np.ndarray:
         """Boolean mask over row chunks: True where the chunk is written and checksummed."""
@@ -242,20 +162,20 @@ class FeatureGroup:
 
     # ------------------------------------------------------------------- write
     def write_chunk(self, chunk: int, features: np.ndarray, labels: np.ndarray, ids: list[str],
-                    logits: np.ndarray | None = None) -> str:
-        """Write one whole row chunk, then its checksum (the 'done' marker) last."""
+                    logits: np.ndarray | None = None) -> int:
+        """Write one whole row chunk, then its checksum (the 'done' marker) last; returns the checksum."""
         start, stop = self.chunk_bounds(chunk)
-        feats = np.asarray(features, dtype=self.node["features"].dtype)
+        feats = np.asarray(features, dtype=self.array("features").dtype)
         if feats.shape != (stop - start, self.dim):
             raise CacheError(f"chunk {chunk} wants {(stop - start, self.dim)} rows, got {feats.shape}")
-        _write_rows(self.array("features"), start, feats)
+        write_rows(self.array("features"), start, feats)
         labels = np.asarray(labels, dtype=np.int64)
-        _write_rows(self.array("labels"), start, labels)
-        _write_rows(self.array("ids"), start, np.asarray(ids, dtype=object).astype(str))
+        write_rows(self.array("labels"), start, labels)
+        write_rows(self.array("ids"), start, np.asarray(ids, dtype=object).astype(str))
         if logits is not None and self.has_logits:
-            self.array("logits")[start:stop] = np.asarray(logits, dtype=feats.dtype)
+            write_rows(self.array("logits"), start, np.asarray(logits, dtype=feats.dtype))
         digest = chunk_checksum(feats, labels, self.checksum)
-        _write_rows(self.array("chunk_checksum"), chunk, np.array([digest], dtype=np.int64))
+        write_rows(self.array("chunk_checksum"), chunk, np.array([digest], dtype=np.int64))
         return digest
 
     def write_rows(self, start_chunk: int, features: np.ndarray, labels: np.ndarray, ids: list[str],
@@ -263,7 +183,7 @@ class FeatureGroup:
         """Write a run of whole chunks from ``start_chunk`` at once (bulk imports and copies).
 
         Feature and label chunks go to disk on a few threads (file writes and CRC-32 release
-        the GIL) while zarr encodes the ids and logits; the checksums (the 'done' markers) last.
+        the GIL) while zarr encodes the logits; the checksums (the 'done' markers) last.
         """
         start = self.chunk_bounds(start_chunk)[0]
         stop = start + len(features)
@@ -278,52 +198,117 @@ class FeatureGroup:
                                        self.checksum)
 
         def one(a: int, b: int) -> int:
-            _write_rows(farr, start + a, feats[a:b])
-            _write_rows(larr, start + a, labels[a:b])
-            _write_rows(iarr, start + a, names[a:b])
+            write_rows(farr, start + a, feats[a:b])
+            write_rows(larr, start + a, labels[a:b])
+            write_rows(iarr, start + a, names[a:b])
             return chunk_checksum(feats[a:b], labels[a:b], algorithm)
 
         with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="backbench-write") as pool:
             futures = [pool.submit(one, a, b) for a, b in bounds]
             if logits is not None and self.has_logits:
-                self.array("logits")[start:stop] = np.asarray(logits, dtype=feats.dtype)
+                larr_ = self.array("logits").with_config({"write_empty_chunks": True})
+                larr_[start:stop] = np.asarray(logits, dtype=feats.dtype)
             digests = [f.result() for f in futures]
             marks = self.array("chunk_checksum")
-            list(pool.map(lambda c: _write_rows(marks, c, np.array([digests[c - chunks.start]], dtype=np.int64)),
+            list(pool.map(lambda c: write_rows(marks, c, np.array([digests[c - chunks.start]], dtype=np.int64)),
                           chunks))
 
     def finalize(self, extra: dict[str, Any] | None = None) -> None:
+        """Record a summary of the markers (``complete``, ``chunks_complete``) for people; never read back."""
         done = self.done_chunks()
         self.node.attrs.update({**(extra or {}), "complete": bool(done.all()),
                                 "chunks_complete": _ranges(np.flatnonzero(done))})
 
     # -------------------------------------------------------------------- read
-    def _rows(self, complete_only: bool) -> slice | np.ndarray:
-        if self.node.attrs.get("complete"):  # set once every chunk is written; never unset
-            return slice(None)
-        done = self.done_chunks()
-        if done.all():
-            return slice(None)
-        if not complete_only:
+    def chunks(self, complete_only: bool = False, *, stored: np.ndarray | None = None) -> np.ndarray:
+        """The row chunks a read returns: all of them, or (``complete_only``) the finished ones."""
+        done = (self.stored_checksums() if stored is None else stored) >= 0
+        if not done.all() and not complete_only:
+            missing = np.flatnonzero(~done)
             raise IncompleteGroup(
-                f"incomplete: {self.rows_done()} of {self.n} rows in {self.path}; finish it with "
-                f"`backbench extract` (or ask for the complete rows only)"
+                f"incomplete: {self.rows_done()} of {self.n} rows in {self.path} (chunk {int(missing[0])} "
+                f"{'and more ' if len(missing) > 1 else ''}has no checksum); finish it with `backbench extract` "
+                f"(or ask for the complete rows only)"
             )
-        return np.concatenate([np.arange(*self.chunk_bounds(i)) for i in np.flatnonzero(done)] or
-                              [np.zeros(0, dtype=np.int64)])
+        return np.flatnonzero(done)
+
+    def rows(self, complete_only: bool = False) -> np.ndarray:
+        """The row indices a read returns (see :meth:`chunks`)."""
+        parts = [np.arange(*self.chunk_bounds(int(c))) for c in self.chunks(complete_only)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one done row chunk, checked against its stored checksum."""
+        stored = self.stored_checksums()[chunk]
+        if stored < 0:
+            raise IncompleteGroup(f"chunk {chunk} of {self.path} is not done (no checksum); finish it with "
+                                  f"`backbench extract`")
+        return self._verified(chunk, int(stored))
+
+    def _verified(self, chunk: int, stored: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.chunk_bounds(chunk)
+        farr, larr = self.array("features"), self.array("labels")
+        feats = np.empty((b - a, self.dim), dtype=farr.dtype)
+        labels = np.empty(b - a, dtype=np.int64)
+        for arr, out in ((farr, feats), (larr, labels)):
+            try:
+                read_rows(arr, a, b, out)
+            except FileNotFoundError:
+                raise self._damaged(f"the file of chunk {chunk} (rows {a}:{b}) of {arr.basename} is missing") from None
+        if chunk_checksum(feats, labels, self.checksum) != stored:
+            raise self._damaged(f"chunk {chunk} fails its checksum (rows {a}:{b} changed since written)")
+        return feats, labels
+
+    def read_labeled(self, *, complete_only: bool = False, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of the chunks a read returns, each chunk checked against its checksum."""
+        stored = self.stored_checksums()
+        chunks = self.chunks(complete_only, stored=stored)
+        n = sum(b - a for a, b in map(self.chunk_bounds, chunks.tolist()))
+        feats = np.empty((n, self.dim), dtype=dtype or self.array("features").dtype)
+        labels = np.empty(n, dtype=np.int64)
+        at = 0
+        for c in chunks.tolist():
+            f, y = self._verified(c, int(stored[c]))
+            feats[at : at + len(y)], labels[at : at + len(y)] = f, y
+            at += len(y)
+        return feats, labels
 
     def read(self, name: str = "features", *, complete_only: bool = False, dtype: Any = None) -> np.ndarray:
-        """An array of the group; ``complete_only`` keeps just the finished chunks' rows."""
-        rows = self._rows(complete_only)
-        arr = self.array(name)
-        if arr.dtype.kind in "fiu" and isinstance(rows, slice) and _is_local(arr):
-            out = np.empty(arr.shape, dtype=arr.dtype)
-            for c in range(self.n_chunks):
-                a, b = self.chunk_bounds(c)
-                _read_rows(arr, a, b, out[a:b])
-        else:
-            out = arr[rows] if isinstance(rows, slice) else arr.get_orthogonal_selection((rows,))
+        """An array of the group; ``complete_only`` keeps just the finished chunks' rows.
+
+        Features and labels are checked against the chunk checksums; ids and logits must have
+        every chunk they claim (a missing one is an error, never fill values).
+        """
+        if name in ("features", "labels"):
+            out = self.read_labeled(complete_only=complete_only, dtype=dtype if name == "features" else None)
+            return out[0] if name == "features" else out[1].astype(dtype, copy=False) if dtype else out[1]
+        chunks = self.chunks(complete_only).tolist()
+        rows = self.rows(complete_only)
+        arr = self._present(name, chunks)
+        out = arr[:] if len(rows) == self.n else arr.get_orthogonal_selection((rows,))
+        self._check_ids(name, out, rows)
         return out.astype(dtype, copy=False) if dtype is not None else out
+
+    def read_span(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of ids or logits (unchecksummed arrays), refusing chunks whose data is missing."""
+        arr = self._present(name, list(range(a // self.chunk_rows, -(-b // self.chunk_rows))))
+        out = arr[a:b]
+        self._check_ids(name, out, np.arange(a, b))
+        return out
+
+    def _present(self, name: str, chunks: list[int]):
+        """The array ``name``, once every one of ``chunks`` is known to hold data."""
+        self.check()
+        arr = self.array(name)
+        lost = missing_chunks(arr, chunks)
+        if lost:
+            a, b = self.chunk_bounds(lost[0])
+            raise self._damaged(f"the file of chunk {lost[0]} (rows {a}:{b}) of {name} is missing")
+        return arr
+
+    def _check_ids(self, name: str, values: np.ndarray, rows: np.ndarray) -> None:
+        if name == "ids" and len(values) and (values == "").any():
+            raise self._damaged(f"the id of row {int(rows[np.flatnonzero(values == '')[0]])} is empty (lost data)")
 
     def features(self, **kw: Any) -> np.ndarray:
         return self.read("features", **kw)
@@ -337,11 +322,62 @@ class FeatureGroup:
     def logits(self, **kw: Any) -> np.ndarray | None:
         return self.read("logits", **kw) if self.has_logits else None
 
+    def check_files(self) -> FeatureGroup:
+        """Refuse a local group whose done chunks lack a data file (zarr would read fill values)."""
+        done = np.flatnonzero(self.done_chunks()).tolist()
+        for name in ("features", "labels", "ids", "logits")[: 3 + self.has_logits]:
+            if is_local(self.array(name)):
+                self._present(name, done)
+        return self
+
+    def check_chunks(self, features: np.ndarray, labels: np.ndarray) -> None:
+        """Refuse unless each done chunk of these whole-group ``features`` and ``labels`` matches its checksum."""
+        stored = self.stored_checksums()
+        for c in np.flatnonzero(stored >= 0).tolist():
+            a, b = self.chunk_bounds(c)
+            if chunk_checksum(features[a:b], np.asarray(labels[a:b], dtype=np.int64), self.checksum) != stored[c]:
+                raise self._damaged(f"chunk {c} fails its checksum (rows {a}:{b} changed since written)")
+
     def summary(self) -> dict[str, Any]:
+        self.check_files()
         a = self.attrs
         return {"backbone": a["backbone"], "dataset": a["dataset"], "split": a["split"],
-                "features": a.get("feature_kind", "pooled"), "n": a["n"], "dim": a["dim"], "dtype": a["dtype"], "rows_done": self.rows_done(),
-                "complete": self.is_complete, "logits": self.has_logits, "path": self.path}
+                "features": a.get("feature_kind", "pooled"), "n": a["n"], "dim": a["dim"], "dtype": a["dtype"],
+                "rows_done": self.rows_done(), "complete": self.is_complete, "logits": self.has_logits,
+                "path": self.path}
+
+
+def structure_problem(group: FeatureGroup) -> str | None:
+    """What is wrong with the group's structure (attributes against arrays), or None."""
+    a = group.attrs
+    for key in ("n", "dim", "chunk_rows", "n_chunks"):
+        if type(a.get(key)) is not int or a[key] < (1 if key in ("dim", "chunk_rows") else 0):
+            return f"attribute {key!r} is {a.get(key)!r}, not a count"
+    if not isinstance(a.get("classes", []), list):
+        return f"attribute 'classes' is {a.get('classes')!r}, not a list"
+    for key in ("backbone", "dataset", "split", "dtype"):
+        if not isinstance(a.get(key), str):
+            return f"attribute {key!r} is {a.get(key)!r}, not a name"
+    if a.get("checksum", "crc32") not in ("crc32", "crc32c"):
+        return f"attribute 'checksum' is {a.get('checksum')!r}, not crc32c"
+    n, rows = a["n"], a["chunk_rows"]
+    if a["n_chunks"] != -(-n // rows):
+        return f"attributes n={n}, chunk_rows={rows} and n_chunks={a['n_chunks']} disagree ({-(-n // rows)} chunks)"
+    want = {"features": ((n, a["dim"]), a["dtype"], rows, "n, dim"), "labels": ((n,), "int64", rows, "n"),
+            "ids": ((n,), None, rows, "n"), "chunk_checksum": ((a["n_chunks"],), None, 1, "n_chunks")}
+    if group.has_logits:
+        want["logits"] = (None, a["dtype"], rows, "n")
+    for name, (shape, dtype, chunk, keys) in want.items():
+        arr = group.array(name)
+        if shape is not None and tuple(arr.shape) != shape:
+            return f"attributes {keys} say shape {shape} but the {name} array has {tuple(arr.shape)}"
+        if name == "logits" and (arr.ndim != 2 or arr.shape[0] != n):
+            return f"attribute n={n} disagrees with the logits array's shape {tuple(arr.shape)}"
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            return f"attribute dtype={a['dtype']!r} disagrees with the {name} array's dtype {arr.dtype}"
+        if arr.chunks[0] != chunk:
+            return f"attribute chunk_rows={rows} disagrees with the {name} array's chunks of {arr.chunks[0]} rows"
+    return None
 
 
 def _create_arrays(node, arrays: dict[str, dict[str, Any]]) -> None:
@@ -366,13 +402,6 @@ def cache_key(attrs: dict[str, Any]) -> str:
     """Hash of everything that changes the features (see :data:`PROVENANCE_KEYS`)."""
     payload = json.dumps({k: attrs.get(k) for k in PROVENANCE_KEYS}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _as_crc(value: Any) -> int:
-    """A stored checksum (int, or schema-1 hex string) as an int; -1 for not done."""
-    if isinstance(value, str):
-        return int(value, 16) if value else -1
-    return int(value)
 
 
 def _ranges(idx: np.ndarray) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Verify a cache: recompute each written chunk's checksum against the one stored at write time."""
+"""Verify a cache: every group's structure, and each written chunk against the checksum stored at write time."""
 
 from __future__ import annotations
 
@@ -6,25 +6,65 @@ from typing import Any
 
 import numpy as np
 
+from backbench.errors import DamagedGroup
 from backbench.store.cache import Cache
-from backbench.store.group import chunk_checksum
+from backbench.store.chunks import chunk_checksum, missing_chunks, read_rows
 
 
-def verify(cache: Cache) -> tuple[list[dict[str, Any]], int]:
-    """(problems, chunks checked): a problem is a chunk whose data changed or cannot be read."""
-    problems, checked = [], 0
-    for group in cache.groups():
-        stored = group.stored_checksums()
-        for chunk in np.flatnonzero(stored >= 0):
-            a, b = group.chunk_bounds(int(chunk))
+def verify(cache: Cache, *, incomplete: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """(problems, chunks checked).
+
+    A problem is a group whose metadata cannot be read or disagrees with its arrays
+    ("damaged"), or a chunk whose data changed, is missing or cannot be read; with
+    ``incomplete``, also each group with chunks that have no checksum (not finished, or a
+    lost marker). One bad group never stops the others from being checked.
+    """
+    problems = [{"group": path, "chunk": None, "rows": "", "status": "damaged", "detail": detail}
+                for path, detail in cache.damaged()]
+    checked = 0
+    for group in cache.groups(bounded=False):
+        try:
+            stored = group.check().stored_checksums()
+        except DamagedGroup as exc:
+            problems.append({"group": group.path, "chunk": None, "rows": "", "status": "damaged", "detail": str(exc)})
+            continue
+        done = np.flatnonzero(stored >= 0).tolist()
+        if incomplete and len(done) < group.n_chunks:
+            problems.append({"group": group.path, "chunk": int(np.flatnonzero(stored < 0)[0]), "rows": "",
+                             "status": "incomplete",
+                             "detail": f"{group.rows_done()} of {group.n} rows have a checksum; finish the group "
+                                       f"with `backbench extract`, or re-extract it with --overwrite"})
+        for chunk in done:
             checked += 1
-            entry = {"group": group.path, "chunk": int(chunk), "rows": f"{a}:{b}"}
-            try:
-                digest = chunk_checksum(group.node["features"][a:b], group.node["labels"][a:b].astype(np.int64),
-                                        group.checksum)
-            except Exception as exc:
-                problems.append({**entry, "status": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
-                continue
-            if digest != stored[chunk]:
-                problems.append({**entry, "status": "changed", "detail": "checksum differs from the one written"})
+            problem = _check_chunk(group, chunk, int(stored[chunk]))
+            if problem:
+                a, b = group.chunk_bounds(chunk)
+                problems.append({"group": group.path, "chunk": chunk, "rows": f"{a}:{b}", **problem})
     return problems, checked
+
+
+def refuse_damaged(cache: Cache) -> None:
+    """Refuse a whole-cache copy (export, pack, merge) while one of its groups' metadata cannot be read."""
+    damaged = cache.damaged()
+    if damaged:
+        raise DamagedGroup(damaged[0][1])
+
+
+def _check_chunk(group, chunk: int, stored: int) -> dict[str, str] | None:
+    a, b = group.chunk_bounds(chunk)
+    feats = np.empty((b - a, group.dim), dtype=group.array("features").dtype)
+    labels = np.empty(b - a, dtype=np.int64)
+    try:
+        for name, out in (("features", feats), ("labels", labels)):
+            read_rows(group.array(name), a, b, out)
+        lost = [name for name in ("ids", "logits")[: 1 + group.has_logits]
+                if missing_chunks(group.array(name), [chunk])]
+    except FileNotFoundError:
+        return {"status": "missing", "detail": f"the {name} file of this chunk is missing"}
+    except Exception as exc:
+        return {"status": "unreadable", "detail": f"{type(exc).__name__}: {exc}"}
+    if lost:
+        return {"status": "missing", "detail": f"the {lost[0]} file of this chunk is missing"}
+    if chunk_checksum(feats, labels, group.checksum) != stored:
+        return {"status": "changed", "detail": "checksum differs from the one written"}
+    return None
