@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from backbench.cli import CacheOpt, JsonOpt, app, clean, emit_json, err, out, table
-from backbench.errors import BackbenchError, OptionError
+from backbench.cli import CacheOpt, JsonOpt, app, clean, emit_json, err, out, say_error, table
+from backbench.errors import BackbenchError, OptionError, DamagedWarning
 
 
 @app.command()
@@ -208,18 +209,31 @@ def ls_(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
     """
     from backbench.store import Cache
 
+    from backbench.errors import DamagedGroup
+
     store = Cache(cache, mode="r")
-    rows = [g.summary() for g in store.groups()]
+    rows, broken = [], [message for _, message in store.damaged()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedWarning)  # listed below, from store.damaged()
+        for g in store.groups():
+            try:
+                rows.append(g.summary())
+            except DamagedGroup as exc:  # no numbers from a group whose attributes disagree with its arrays
+                broken.append(str(exc))
     if json_:
-        return emit_json(rows)
-    if not rows:
+        emit_json({"groups": rows, "damaged": broken} if broken else rows)
+    elif not rows and not broken:
         out.print(f"{store.path}: empty; fill it with `backbench extract`")
-        return
-    for r in rows:
-        r["N"], r["D"] = r["n"], r["dim"]
-        r["rows"] = r["rows_done"]
-    table(rows, ["backbone", "dataset", "split", "features", "N", "D", "dtype", "rows", "logits", "complete"],
-          title=str(store.path))
+    elif rows:
+        for r in rows:
+            r["N"], r["D"] = r["n"], r["dim"]
+            r["rows"] = r["rows_done"]
+        table(rows, ["backbone", "dataset", "split", "features", "N", "D", "dtype", "rows", "logits", "complete"],
+              title=str(store.path))
+    for message in broken:
+        say_error(message)
+    if broken:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -293,11 +307,12 @@ def verify(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
     from backbench.store import Cache
     from backbench.store.verify import verify as run
 
-    problems, checked = run(Cache(cache, mode="r"))
+    problems, checked = run(Cache(cache, mode="r"), incomplete=True)
     if json_:
         emit_json({"chunks_checked": checked, "problems": problems})
     elif problems:
-        table(problems, ["group", "chunk", "rows", "status", "detail"], title="chunks that changed on disk")
+        table(problems, ["group", "chunk", "rows", "status", "detail"],
+              title=f"{len(problems)} problem(s); {checked} chunk(s) checked")
     else:
         out.print(f"{checked} chunk(s) verified: all checksums match")
     if problems:
@@ -328,16 +343,25 @@ def pack(
 def unpack(
     archive: Path = typer.Argument(..., help="A zip made by `backbench pack`."),
     into: Optional[str] = typer.Option(None, "--into", envvar="BACKBENCH_CACHE", help="Cache to unpack into."),
+    max_size: Optional[str] = typer.Option(None, "--max-size",
+                                           help="Refuse packs that unpack to more (20GB, 500MB). "
+                                                "Default: 10x the pack's size."),
     json_: bool = JsonOpt,
 ) -> None:
     """Unpack a pack into a cache: unsafe members refused, every chunk verified, conflicts refused.
 
+    Nothing enters the cache unless the whole pack checks out.
+
     Example:  backbench unpack pets.zip --into features.zarr
     """
-    from backbench.store import Cache
+    from backbench.probe.stream import parse_size
     from backbench.store.share import unpack as run
 
-    result = run(archive, Cache(into))
+    try:
+        limit = parse_size(max_size)
+    except BackbenchError:
+        raise BackbenchError(f"--max-size {max_size!r}: give a size such as 20GB or 500MB") from None
+    result = run(archive, into, max_size=limit)
     if json_:
         return emit_json(result)
     out.print(f"unpacked {len(result['groups'])} group(s), {result['records']} record(s); "

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backbench.errors import CacheError, CacheMismatch, SampleError
+from backbench.errors import CacheError, CacheMismatch, DamagedGroup, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.data import ImageSource, open_source
 from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, LoaderPace, jpeg_payload, provenance, resolve_decode,
@@ -28,7 +28,8 @@ from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
 from backbench.store.cache import READ_ONLY_SCHEMES, Cache, default_cache_path, url_scheme
 from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for, group_key
-from backbench.store.lock import local_file, locked
+from backbench.store.cleanup import clean_partials
+from backbench.store.lock import group_locked, local_file, locked
 
 Progress = Callable[[int, int], None]
 
@@ -137,26 +138,39 @@ def open_or_create(cache: Cache, attrs: dict[str, Any], n: int, dim: int, num_cl
     """
     key = (attrs["backbone"], attrs["dataset"], attrs["split"], kind)
     if key in cache:
-        group = cache.group(*key)
-        diff = _mismatch(group.attrs, attrs)
-        if not diff and group.n == n:
-            return group
-        if not overwrite and group.n != n:  # most often a --limit that differs from the stored one
-            raise CacheMismatch(
-                f"{group.path} holds {group.n} samples and this run asks for {n} (a different --limit, or "
-                f"changed data); rerun with --limit {group.n} to use it, pass --overwrite to extract all {n} "
-                f"again, or extract under another --dataset/--split name"
-            )
-        if not overwrite:
-            raise CacheMismatch(
-                f"{group.path} exists with a different {', '.join(diff)}; pass --overwrite to replace it "
-                f"or extract under another --dataset/--split name"
-            )
+        try:
+            group = cache.group(*key)
+        except DamagedGroup:
+            if not overwrite:
+                raise
+        else:
+            return _reuse(group, attrs, n, overwrite) or _create(cache, key, attrs, n, dim, num_classes,
+                                                                 chunk_rows, batch_size)
+    return _create(cache, key, attrs, n, dim, num_classes, chunk_rows, batch_size)
+
+
+def _reuse(group: FeatureGroup, attrs: dict[str, Any], n: int, overwrite: bool) -> FeatureGroup | None:
+    """``group`` when it was made as ``attrs`` asks; None to replace it (``overwrite``); else refused."""
+    diff = _mismatch(group.attrs, attrs)
+    if not diff and group.n == n:
+        return group
+    if not overwrite:
+        raise CacheMismatch(
+            f"{group.path} exists with a different {', '.join(diff) or 'number of samples'}; pass --overwrite "
+            f"to replace it or extract under another --dataset/--split name"
+            + (f" (it holds {group.n} samples, this run asks for {n}: a different --limit? rerun with "
+               f"--limit {group.n} to use it, or --overwrite to extract all {n})" if group.n != n else "")
+        )
+    return None
+
+
+def _create(cache: Cache, key: tuple[str, str, str, str], attrs: dict[str, Any], n: int, dim: int,
+            num_classes: int, chunk_rows: int | None, batch_size: int) -> FeatureGroup:
     if chunk_rows is None:
         chunk_rows = chunk_rows_for(dim, np.dtype(attrs["dtype"]).itemsize, n)
         if chunk_rows >= batch_size:
             chunk_rows = chunk_rows // batch_size * batch_size
-    return cache.create_group(*key[:3], kind=kind, n=n, dim=dim, num_classes=num_classes, dtype=attrs["dtype"],
+    return cache.create_group(*key, n=n, dim=dim, num_classes=num_classes, dtype=attrs["dtype"],
                               chunk_rows=chunk_rows, attrs=attrs)
 
 
@@ -601,19 +615,20 @@ def extract(
     if chunk_rows is None and len(kinds) > 1:  # one chunking for all kinds: the widest sets it
         chunk_rows = chunk_rows_for(max(dims.values()), np.dtype(dtype).itemsize, len(src))
         chunk_rows = chunk_rows // batch_size * batch_size if chunk_rows >= batch_size else chunk_rows
-    with locked(local_file(cache.path)):
-        groups = {k: open_or_create(cache, {**attrs, "feature_kind": group_attrs(model, src, dataset, split, dtype,
-                                                                                 kind=k, view=view)["feature_kind"]},
-                                    len(src), dims[k], model.num_classes if k == "pooled" else 0,
-                                    overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size,
-                                    kind=stored_kind(k, view))
-                  for k in kinds}
-    group = groups[kinds[0]]
-    # Shards own disjoint chunks and run side by side; a whole-group run takes the group's lock
-    # so a second one waits instead of redoing the same chunks (identical bytes either way:
-    # every chunk write is an atomic rename of deterministic content).
-    lock = local_file(cache.path, group.path, "features") if shard[1] == 1 else None
-    with locked(lock, on_wait):
+    # One lock per (backbone, dataset, split), outside the group's folder, taken before the group
+    # is opened or replaced: a second whole-group run (or an --overwrite) waits instead of tearing
+    # the first one's group. Shards own disjoint chunks and share it; an overwrite holds it alone.
+    with group_locked(cache.path, cache.group_path(model.name, dataset, split), on_wait,
+                      shared=shard[1] > 1 and not overwrite):
+        with locked(local_file(cache.path)):
+            groups = {k: open_or_create(cache, {**attrs, "feature_kind": group_attrs(
+                                            model, src, dataset, split, dtype, kind=k, view=view)["feature_kind"]},
+                                        len(src), dims[k], model.num_classes if k == "pooled" else 0,
+                                        overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size,
+                                        kind=stored_kind(k, view))
+                      for k in kinds}
+        for g in groups.values():  # chunk files a killed run left half-written
+            clean_partials(local_file(cache.path, g.path))
         return _extract_pending(model, groups, src, batch_size=batch_size, device=device, workers=workers,
                                 shard=shard, on_error=on_error, progress=progress, decode=decode,
                                 compile=compile, view=view)

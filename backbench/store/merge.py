@@ -22,9 +22,12 @@ import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch
 from backbench.store.cache import RESULTS, Cache
-from backbench.store.group import FeatureGroup, _read_rows, chunk_checksum, group_key
-from backbench.store.lock import local_file, locked
+from backbench.store.chunks import chunk_checksum
+from backbench.store.cleanup import clean_partials
+from backbench.store.group import FeatureGroup, group_key
+from backbench.store.lock import group_locked, local_file, locked
 from backbench.store.share import _results
+from backbench.store.verify import refuse_damaged
 
 COPY_BYTES = 64 << 20  # features per write_rows call (a run of whole chunks)
 Reader = Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]]
@@ -44,19 +47,18 @@ class Rows:
 
     @classmethod
     def of_group(cls, cache: Cache, group: FeatureGroup) -> Rows:
+        """A group's rows; every chunk read is checked against its checksum (:meth:`FeatureGroup.read_chunk`)."""
+        stored = group.stored_checksums()
+
         def read(a: int, b: int):
-            feats = np.empty((b - a, group.dim), dtype=group.array("features").dtype)
-            labels = np.empty(b - a, dtype=group.array("labels").dtype)
-            for c in range(a // group.chunk_rows, -(-b // group.chunk_rows)):
-                s, e = group.chunk_bounds(c)
-                _read_rows(group.array("features"), s, e, feats[s - a : e - a])
-                _read_rows(group.array("labels"), s, e, labels[s - a : e - a])
-            ids = np.asarray(group.array("ids")[a:b], dtype=object).astype(str)
-            logits = group.array("logits")[a:b] if group.has_logits else None
-            return feats, labels.astype(np.int64, copy=False), ids, logits
+            chunks = range(a // group.chunk_rows, -(-b // group.chunk_rows))
+            parts = [group.read_chunk(c) for c in chunks]
+            feats, labels = np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
+            ids = np.asarray(group.read_span("ids", a, b), dtype=object).astype(str)
+            return feats, labels, ids, group.read_span("logits", a, b) if group.has_logits else None
 
         return cls(f"{group.path} in {cache.path}", group.n, group.chunk_rows, read,
-                   stored=group.stored_checksums(), algorithm=group.checksum)
+                   stored=stored, algorithm=group.checksum)
 
     def chunks(self, a: int, b: int) -> range:
         return range(a // self.chunk_rows, -(-b // self.chunk_rows))
@@ -174,9 +176,10 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
     # ------------------------------------------------------------- plan (reads only)
     found: dict[str, list[tuple[Cache, FeatureGroup]]] = {}
     for src in sources:
-        for g in src.groups():
+        refuse_damaged(src)
+        for g in src.groups(bounded=False):  # every chunk is read anyway
             found.setdefault(g.path, []).append((src, g))
-    held = {g.path: g for g in target.groups()}
+    held = {g.path: g for g in target.groups(bounded=False)}
     plan: list[tuple[str, list[tuple[Cache, FeatureGroup]], FeatureGroup | None]] = []
     for path, entries in found.items():
         (c0, g0), key0 = entries[0], entries[0][1].attrs.get("cache_key")
@@ -201,8 +204,9 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
             continue
         rows = [Rows.of_group(c, g) for c, g in entries]
         order = sorted(range(len(rows)), key=lambda i: -rows[i].rows_done())  # most complete first
-        group = have if have is not None else create_like(target, entries[order[0]][1])
-        with locked(local_file(target.path, path, "features")):
+        with group_locked(target.path, path):  # an extraction or unpack of this group waits, and vice versa
+            group = have if have is not None else create_like(target, entries[order[0]][1])
+            clean_partials(local_file(target.path, path))  # chunks a killed merge or extract left half-written
             written = fill(group, [rows[i] for i in order])
         if have is None or written:
             summary["groups_copied"].append(path)
