@@ -223,4 +223,5 @@ def test_growing_a_limited_extraction_mentions_limit(cache_path, run_cli):
     assert code == 0, err
     code, _, err = run_cli(*base)
     line = _one_line(err)
-    assert code == 1 and "holds 20 samples" in line and "--limit 20" in line and "--overwrite" in line
+    assert code == 1 and "holds 20 samples, this run asks for 540" in line and "--limit 20" in line
+    assert "different dataset_fingerprint" in line and "--overwrite" in line
