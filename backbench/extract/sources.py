@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import threading
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
@@ -47,7 +48,6 @@ PROBE_TIMEOUT_S = 3.0  # how long one request may take to tell a reachable weigh
 def answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the server of ``url`` answers one HEAD request within ``timeout`` (any HTTP status
     counts). It runs in a daemon thread, so a DNS lookup that hangs is bounded too."""
-    import threading
     import urllib.error
     import urllib.request
 
@@ -68,11 +68,20 @@ def answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     return bool(answered)
 
 
+_LOADING = threading.RLock()  # the settings below are process-wide: one load at a time sets them
+
+
 @contextmanager
 def _loading():
     """While a library loads a model: third-party logging is off (no "Retrying in 8s" lines, no
     root logger configured behind our back) and every ``torch.load`` is weights-only, also where
     a library asks for a full unpickle (torch.hub, under torchvision)."""
+    with _LOADING, _quiet_and_weights_only():
+        yield
+
+
+@contextmanager
+def _quiet_and_weights_only():
     import logging
     import os
 
