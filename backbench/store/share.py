@@ -9,17 +9,21 @@ whose checksums verify are moved into the cache.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from backbench.errors import CacheError, CacheMismatch
-from backbench.store.cache import RESULTS, Cache
+from backbench.store.cache import RESULTS, Cache, default_cache_path, group_path_ok, url_scheme
+from backbench.store.cleanup import clean_partials, clean_staging, partial_name, staging_dir
+from backbench.store.group import group_key
 from backbench.store.verify import verify
 
 MANIFEST = "backbench-pack.json"
+EXPANSION = 10  # a pack may unpack to at most this many times its size unless --max-size says more
+COPY_BLOCK = 1 << 20
 _GROUP_JSON = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
 
 
@@ -31,8 +35,12 @@ def _local_root(cache: Cache) -> Path:
 
 def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
     """Zip the given group paths (as in ``backbench ls --json``), the root metadata and the
-    results records that read only these groups."""
-    root = _local_root(cache)
+    results records that read only these groups.
+
+    The zip is written under a temporary name beside ``target`` and renamed when whole, so
+    ``target`` is never a truncated zip; leftovers of killed runs are removed first.
+    """
+    root, target = _local_root(cache), Path(target)
     held = {g.path: g for g in cache.groups()}
     missing = [g for g in groups if g.strip("/") not in held]
     if missing:
@@ -40,23 +48,35 @@ def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
     chosen = {held[g.strip("/")] for g in groups} if groups else set(held.values())
     keys = {g.attrs["cache_key"] for g in chosen}
     records = [r for r in (dict(n.attrs) for _, n in _results(cache)) if set(r.get("groups", {}).values()) <= keys]
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
-        zf.write(root / "zarr.json", "zarr.json")
-        parents = sorted({p for g in chosen for p in _parents(g.path) if (root / p / "zarr.json").exists()})
-        for parent in parents:
-            zf.write(root / parent / "zarr.json", f"{parent}/zarr.json")
-        for group in sorted(chosen, key=lambda g: g.path):
-            for f in sorted((root / group.path).rglob("*")):
-                if f.is_file() and not f.name.endswith(".partial"):
-                    zf.write(f, f.relative_to(root).as_posix())
-        if records:
-            zf.writestr(f"{RESULTS}/zarr.json", _GROUP_JSON)
-        for r in records:
-            zf.writestr(f"{RESULTS}/{r['key']}/zarr.json", json.dumps(
-                {"zarr_format": 3, "node_type": "group", "attributes": r}))
-        manifest = {"groups": sorted(g.path for g in chosen), "records": len(records)}
-        zf.writestr(MANIFEST, json.dumps(manifest))
+    manifest = {"groups": sorted(g.path for g in chosen), "records": len(records)}
+    clean_partials(target.parent, recursive=False, name=target.name)
+    tmp = partial_name(target)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            _write_pack(zf, root, sorted(chosen, key=lambda g: g.path), records, manifest)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise CacheError(f"cannot write {str(target)!r}: {exc.strerror or exc}; nothing was written") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     return manifest
+
+
+def _write_pack(zf: zipfile.ZipFile, root: Path, chosen: list, records: list[dict], manifest: dict) -> None:
+    zf.write(root / "zarr.json", "zarr.json")
+    parents = sorted({p for g in chosen for p in _parents(g.path) if (root / p / "zarr.json").exists()})
+    for parent in parents:
+        zf.write(root / parent / "zarr.json", f"{parent}/zarr.json")
+    for group in chosen:
+        for f in sorted((root / group.path).rglob("*")):
+            if f.is_file() and not f.name.endswith(".partial"):
+                zf.write(f, f.relative_to(root).as_posix())
+    if records:
+        zf.writestr(f"{RESULTS}/zarr.json", _GROUP_JSON)
+    for r in records:
+        zf.writestr(f"{RESULTS}/{r['key']}/zarr.json", json.dumps(
+            {"zarr_format": 3, "node_type": "group", "attributes": r}))
+    zf.writestr(MANIFEST, json.dumps(manifest))
 
 
 def _results(cache: Cache):
@@ -85,36 +105,160 @@ def _check_member(info: zipfile.ZipInfo) -> str:
     return p.as_posix()
 
 
-def unpack(archive: str | Path, cache: Cache) -> dict:
-    """Unpack into ``cache``: verify every chunk, refuse groups that conflict, keep the rest intact."""
-    root = _local_root(cache)
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise CacheError(f"{str(archive)!r} is not a backbench pack (zip): {exc}") from None
-    with zf, tempfile.TemporaryDirectory(dir=root.parent, prefix=".unpack-") as tmp:
+def unpack(archive: str | Path, cache: Cache | str | os.PathLike | None, *, max_size: int | None = None) -> dict:
+    """Unpack into ``cache`` (a Cache, or a path created only once the pack checks out): verify
+    every chunk, refuse groups that conflict, keep the rest intact.
+
+    Nothing is moved into the cache until the whole pack is checked: its members (no links,
+    absolute paths or ``..``), its manifest (every group a safe path that the zip holds), its
+    size (at most ``max_size`` bytes unpacked, default 10x the zip's size, and the free disk),
+    its CRCs and its chunk checksums. Unpacking happens in a staging folder beside the cache,
+    removed afterwards; one left by a killed unpack is removed by the next unpack or write.
+    """
+    target = cache if isinstance(cache, Cache) else None
+    root = _local_root(cache) if target is not None else _local_path(cache)
+    zf = _open_pack(archive)
+    with zf:
         names = [_check_member(i) for i in zf.infolist()]
-        if MANIFEST not in names:
-            raise CacheError(f"{str(archive)!r} has no {MANIFEST}; make packs with `backbench pack`")
+        manifest = _read_manifest(zf, names, archive)
+        limit = _check_size(zf, archive, root, max_size)
         bad = zf.testzip()
         if bad is not None:
             raise CacheError(f"archive member {bad!r} is corrupt (CRC mismatch); nothing was unpacked")
-        for info, name in zip(zf.infolist(), names):
-            if not info.is_dir() and name != MANIFEST:
-                target = Path(tmp, name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+        clean_staging(root)
+        tmp = staging_dir(root)
+        try:
+            _extract(zf, names, tmp, limit, archive)
+            staged = Cache(str(tmp), mode="r")
+            checked = _check_staged(staged, manifest)
+            if target is None and (root / "zarr.json").exists():
+                target = Cache(str(root))
+            if target is not None:
+                _refuse_conflicts(staged, target)
+            _move_all(tmp, root, target, manifest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {**manifest, "chunks_verified": checked}
+
+
+def _local_path(path: str | os.PathLike | None) -> Path:
+    where = default_cache_path(path)
+    if url_scheme(where) is not None:
+        raise CacheError("pack and unpack work on local caches; copy remote ones with fsspec first")
+    local = Path(where.removeprefix("file://"))
+    if local.exists() and not local.is_dir():
+        raise CacheError(f"cache path {where!r} is a file; give a folder such as features.zarr")
+    return local
+
+
+def _open_pack(archive: str | Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(archive)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CacheError(f"{str(archive)!r} is not a backbench pack (zip): {exc}") from None
+
+
+def _read_manifest(zf: zipfile.ZipFile, names: list[str], archive: str | Path) -> dict:
+    """The manifest, checked whole: every group a safe relative path that the pack holds."""
+    if MANIFEST not in names:
+        raise CacheError(f"{str(archive)!r} has no {MANIFEST}; make packs with `backbench pack`")
+    try:
         manifest = json.loads(zf.read(MANIFEST))
-        staged = Cache(tmp, mode="r")
-        problems, checked = verify(staged)
-        if problems:
-            raise CacheError(f"pack fails verification at {problems[0]['group']} chunk {problems[0]['chunk']}: "
-                             f"{problems[0]['detail']}; nothing was unpacked")
-        _refuse_conflicts(staged, cache)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{str(archive)!r}: its {MANIFEST} is not valid JSON ({exc}); nothing was unpacked") from None
+    groups = manifest.get("groups") if isinstance(manifest, dict) else None
+    records = manifest.get("records", 0) if isinstance(manifest, dict) else None
+    if not isinstance(groups, list) or not isinstance(records, int):
+        raise CacheError(f"{str(archive)!r}: its {MANIFEST} must be {{\"groups\": [group paths], \"records\": N}}; "
+                         f"nothing was unpacked")
+    held = set(names)
+    for g in groups:
+        if not isinstance(g, str) or group_path_ok(g) is None:
+            raise CacheError(f"{str(archive)!r}: its manifest names {g!r}, not a group path inside a cache "
+                             f"(backbone/dataset/split, no '..', leading '/', '\\' or empty parts); "
+                             f"nothing was unpacked")
+        if f"{g}/zarr.json" not in held:
+            raise CacheError(f"{str(archive)!r}: its manifest names group {g!r}, which the pack does not hold; "
+                             f"nothing was unpacked")
+    if "zarr.json" not in held:
+        raise CacheError(f"{str(archive)!r} has no root zarr.json; make packs with `backbench pack`")
+    return {"groups": sorted(set(groups)), "records": records}
+
+
+def _check_size(zf: zipfile.ZipFile, archive: str | Path, root: Path, max_size: int | None) -> int:
+    """Refuse a pack whose members would unpack past ``max_size`` (default 10x the zip's size) or
+    past the free disk; returns the byte limit the unpacking itself then holds to."""
+    declared = sum(i.file_size for i in zf.infolist())
+    limit = max_size if max_size is not None else EXPANSION * os.path.getsize(archive)
+    if declared > limit:
+        how = "--max-size" if max_size is not None else f"{EXPANSION}x the pack's size; raise it with --max-size"
+        raise CacheError(f"{str(archive)!r} would unpack to {_mb(declared)}, more than the limit of {_mb(limit)} "
+                         f"({how}); nothing was written")
+    where = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if declared > free:
+        raise CacheError(f"{str(archive)!r} would unpack to {_mb(declared)}, more than the {_mb(free)} free on "
+                         f"the disk of {str(root)!r}; nothing was written")
+    return min(limit, declared)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _extract(zf: zipfile.ZipFile, names: list[str], tmp: Path, limit: int, archive: str | Path) -> None:
+    """Every member but the manifest into ``tmp``; more bytes than the members declared is refused."""
+    written = 0
+    try:
+        for info, name in zip(zf.infolist(), names):
+            if info.is_dir() or name == MANIFEST:
+                continue
+            target = Path(tmp, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                while block := src.read(COPY_BLOCK):
+                    written += len(block)
+                    if written > limit:
+                        raise CacheError(f"{str(archive)!r} unpacks to more than its members declare; "
+                                         f"nothing was unpacked")
+                    dst.write(block)
+    except OSError as exc:
+        raise CacheError(f"cannot unpack {str(archive)!r} beside {tmp.parent}: {exc.strerror or exc}; "
+                         f"nothing was unpacked") from exc
+
+
+def _check_staged(staged: Cache, manifest: dict) -> int:
+    """Chunks verified in the staged pack; each named group must be a feature group at its own path."""
+    found = {g.path: g for g in staged.groups()}
+    for path in manifest["groups"]:
+        group = found.get(path)
+        if group is None:
+            raise CacheError(f"pack entry {path!r} is not a feature group (no backbone attributes); "
+                             f"nothing was unpacked")
+        try:
+            where = staged.group_path(*group_key(group.attrs))
+        except (KeyError, CacheError):
+            where = None
+        if where != path:
+            raise CacheError(f"pack group {path!r}: its attributes name another group ({where}); "
+                             f"nothing was unpacked")
+    problems, checked = verify(staged)
+    if problems:
+        first = problems[0]
+        where = first["group"] + (f" chunk {first['chunk']}" if first.get("chunk") is not None else "")
+        raise CacheError(f"pack fails verification at {where}: {first['detail']}; nothing was unpacked")
+    return checked
+
+
+def _move_all(tmp: Path, root: Path, target: Cache | None, manifest: dict) -> None:
+    """Move the verified groups and new records in; a cache created here and left empty goes again."""
+    fresh = target is None
+    if fresh:
+        target = Cache(str(root))
+    try:
         for group in manifest["groups"]:
-            _move_group(Path(tmp), root, group)
-            cache._add_to_index(group)  # listed for stores that cannot list (served over HTTP)
+            _move_group(tmp, root, group)
+            target._add_to_index(group)  # listed for stores that cannot list (served over HTTP)
         staged_results = Path(tmp, RESULTS)
         for record in sorted(p for p in staged_results.glob("*") if p.is_dir()):
             if not (root / RESULTS / record.name).exists():
@@ -122,7 +266,10 @@ def unpack(archive: str | Path, cache: Cache) -> dict:
                 if not (root / RESULTS / "zarr.json").exists():
                     (root / RESULTS / "zarr.json").write_text(_GROUP_JSON)
                 shutil.move(str(record), root / RESULTS / record.name)
-    return {**manifest, "chunks_verified": checked}
+    except BaseException:
+        if fresh and sorted(os.listdir(root)) == ["zarr.json"]:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def _refuse_conflicts(staged: Cache, cache: Cache) -> None:
@@ -138,6 +285,10 @@ def _move_group(tmp: Path, root: Path, group: str) -> None:
     for parent in _parents(group):
         if not (root / parent / "zarr.json").exists():
             (root / parent).mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp / parent / "zarr.json", root / parent / "zarr.json")
+            source = tmp / parent / "zarr.json"
+            if source.exists():
+                shutil.copy(source, root / parent / "zarr.json")
+            else:
+                (root / parent / "zarr.json").write_text(_GROUP_JSON)
     if not (root / group).exists():
         shutil.move(str(tmp / group), root / group)
