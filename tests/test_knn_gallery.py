@@ -40,8 +40,9 @@ def test_cli_k_beyond_the_gallery_is_reported_as_the_k_used(digits_cache, run_cl
     assert "k=100000 as top1@300" in err
     code, out, _ = run_cli("knn", "-b", B, "-d", "digits", "--train", "val", "--eval", "test", "-k", "10",
                            "100000", "--cache", digits_cache, "--json")
-    m = json.loads(out)[0]["metrics"]
-    assert m["ks"] == [10, 300] and m["k_clipped"] == {"100000": 300} and "top1@100000" not in m
+    rec = json.loads(out)[0]
+    m = rec["metrics"]
+    assert rec["ks_used"] == [10, 300] and rec["k_clipped"] == {"100000": 300} and "top1@100000" not in m
     (tx, ty), (ex, ey) = _split(digits_cache, "val"), _split(digits_cache, "test")
     assert m["top1@300"] == pytest.approx(dino_top1(tx, ty, ex, ey, 300), abs=1e-12)
     assert m["top1@10"] == pytest.approx(dino_top1(tx, ty, ex, ey, 10), abs=1e-12)
@@ -52,8 +53,9 @@ def test_few_shot_galleries_clip_each_k(digits_cache, run_cli):
     code, out, err = run_cli("knn", "-b", B, "-d", "digits", "--train", "train", "--eval", "test", "-k", "5", "20",
                              "--shots", "1", "--seeds", "1", "--cache", digits_cache, "--json")
     assert code == 0, err
-    m = json.loads(out)[0]["metrics"]  # 1 shot x 10 classes: a gallery of 10 rows
-    assert m["ks"] == [5, 10] and m["k_clipped"] == {"20": 10} and m["main_k"] == 10
+    rec = json.loads(out)[0]  # 1 shot x 10 classes: a gallery of 10 rows
+    m = rec["metrics"]
+    assert rec["ks_used"] == [5, 10] and rec["k_clipped"] == {"20": 10} and m["main_k"] == 10
     assert "top1@20" not in m and m["top1"] == m["top1@10"]
 
 
@@ -70,7 +72,7 @@ def test_battle_reports_the_k_used(tmp_path):
     assert not summary.failed, [r.message for r in summary.failed]
     (rec,) = ResultsLog(cache).records()
     m = rec["metrics"]
-    assert m["ks"] == [5, 40] and m["k_clipped"] == {"100000": 40} and "top1@100000" not in m
+    assert rec["ks_used"] == [5, 40] and rec["k_clipped"] == {"100000": 40} and "top1@100000" not in m
     g = {s: cache.group("timm:test_resnet@random", "digits", s) for s in ("train", "test")}
     ref = dino_top1(g["train"].features().astype(np.float32), g["train"].labels(),
                     g["test"].features().astype(np.float32), g["test"].labels(), 40)

@@ -171,7 +171,7 @@ def knn(
     if json_:
         return emit_json([{**r, "reused": reused} for r, reused in pairs])
     # the ks actually used: a k beyond the gallery is reported as the gallery's size
-    ks = sorted({x for r, _ in pairs for x in r["metrics"].get("ks", r["params"]["ks"])})
+    ks = sorted({x for r, _ in pairs for x in r.get("ks_used", r["params"]["ks"])})
     rows = [{"shots": r["params"].get("shots", "all"), "seed": r["seed"], "reused": reused,
              **{f"top1@{x}": r["metrics"].get(f"top1@{x}") for x in ks},
              **{f"top5@{x}": r["metrics"].get(f"top5@{x}") for x in ks}} for r, reused in pairs]
@@ -183,7 +183,7 @@ def knn(
 
 def _clip_note(records: list[dict]) -> str:
     """A note naming the ks larger than their gallery, and the k each is reported as."""
-    pairs = sorted({(int(k), int(n)) for r in records for k, n in r["metrics"].get("k_clipped", {}).items()})
+    pairs = sorted({(int(k), int(n)) for r in records for k, n in r.get("k_clipped", {}).items()})
     if not pairs:
         return ""
     said = ", ".join(f"k={k} as top1@{n}" for k, n in pairs)

@@ -33,8 +33,8 @@ def _knn_metrics(train_X, train_y, ev: Split, ks: Sequence[int], temperature: fl
     used = sorted({min(int(k), n) for k in ks})  # a k beyond the gallery is reported as the k used
     m = knn_eval(train_X, train_y, ev.X, ev.y, ks=used, temperature=temperature, n_classes=n_classes, device=device)
     main = min(MAIN_K if MAIN_K in ks else min(ks), n)
-    return {**m, "top1": m[f"top1@{main}"], "top5": m.get(f"top5@{main}"), "main_k": main, "ks": used,
-            "k_clipped": {str(k): n for k in ks if k > n}}
+    metrics = {**m, "top1": m[f"top1@{main}"], "top5": m.get(f"top5@{main}"), "main_k": main}
+    return {"metrics": metrics, "ks_used": used, "k_clipped": {str(k): n for k in ks if k > n}}
 
 
 def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *, ks: Sequence[int] = (10, 20, 100, 200),
@@ -43,8 +43,8 @@ def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *,
     """DINO-style weighted kNN; with ``shots``, K train images per class per seed (train only).
 
     A k larger than the gallery (the train rows that vote) uses the whole gallery and is
-    reported under the k used: ``top1@{n}``; ``metrics["ks"]`` lists the ks used and
-    ``metrics["k_clipped"]`` maps each k asked for to the one used.
+    reported under the k used: ``top1@{n}``; the record's ``ks_used`` lists the ks used and
+    its ``k_clipped`` maps each k asked for to the one used (metrics stay numbers only).
     """
     from backbench.probe.fewshot import few_shot_indices
 
@@ -54,8 +54,8 @@ def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *,
     params = {"ks": ks, "temperature": float(temperature)}
     if not shots:
         request = base_request("knn", backbone, dataset, {"train": train, "eval": eval}, [tr, ev], params, 0)
-        out.append(log.run(request, lambda: {"metrics": _knn_metrics(tr.X, tr.y, ev, ks, temperature, n_classes,
-                                                                       device)}, force=force))
+        out.append(log.run(request, lambda: _knn_metrics(tr.X, tr.y, ev, ks, temperature, n_classes, device),
+                           force=force))
         return out
     for k in shots:
         for seed in range(seeds):
@@ -65,7 +65,7 @@ def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *,
             def compute(k: int = int(k), seed: int = seed) -> Record:
                 idx = few_shot_indices(tr.y, k, seed, class_names=tr.classes)
                 return {"train_rows": idx.tolist(),
-                        "metrics": _knn_metrics(tr.X[idx], tr.y[idx], ev, ks, temperature, n_classes, device)}
+                        **_knn_metrics(tr.X[idx], tr.y[idx], ev, ks, temperature, n_classes, device)}
 
             out.append(log.run(request, compute, force=force))
     return out
