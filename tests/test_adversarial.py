@@ -118,8 +118,8 @@ def test_a_lost_marker_makes_the_group_incomplete_everywhere(digits_cache, run_c
     assert code == 0 and row["rows_done"] == 744 and row["complete"] is False
     with pytest.raises(IncompleteGroup, match="744 of 1000 rows"):
         group.features()
-    problems, _ = verify(Cache(digits_cache, mode="r"), incomplete=True)
-    assert [(p["group"], p["chunk"], p["status"]) for p in problems] == [(GROUP, 1, "incomplete")]
+    problems, _ = verify(Cache(digits_cache, mode="r"))
+    assert [(p["group"], p["chunk"], p["status"]) for p in problems] == [(GROUP, 1, "lost")]
     # the finished rows alone are still there for those who ask, and they are the right ones
     X = group.features(complete_only=True)
     assert X.shape == (744, 64)
@@ -187,5 +187,26 @@ def test_overwrite_waits_for_a_running_extraction_and_never_tears_the_group(tmp_
         assert "extracted" in out1[0]  # the first had finished before the overwrite began: nothing to race
     group = Cache(cache).group("timm:test_resnet@random", "digits", "test")
     assert group.attrs["dtype"] == "float32" and group.array("features").dtype == np.float32
-    assert group.is_complete and verify(Cache(cache, mode="r"), incomplete=True)[0] == []
+    assert group.is_complete and verify(Cache(cache, mode="r"))[0] == []
     assert group.features().shape == (group.n, group.dim)
+
+
+def test_a_pack_with_a_rewritten_chunk_and_no_marker_is_refused(digits_cache, tmp_path, run_cli):
+    """Issue case 1 through a pack: a chunk's features set to 1000.0 and its marker left out."""
+    import zipfile
+
+    good, evil = tmp_path / "good.zip", tmp_path / "evil.zip"
+    code, _, err = run_cli("pack", GROUP, "--to", str(good), "--cache", digits_cache)
+    assert code == 0, err
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == f"{GROUP}/chunk_checksum/c/2":
+                continue
+            if info.filename == f"{GROUP}/features/c/2/0":
+                data = np.full(len(data) // 4, 1000.0, dtype=np.float32).tobytes()
+            dst.writestr(info, data)
+    into = tmp_path / "into.zarr"
+    code, out, err = run_cli("unpack", str(evil), "--into", str(into))
+    assert code == 1 and out == "" and GROUP in err and "chunk 2" in err
+    assert not into.exists()  # nothing was moved, no empty cache left behind

@@ -305,16 +305,21 @@ def verify(cache: Optional[str] = CacheOpt, json_: bool = JsonOpt) -> None:
     Example:  backbench verify --cache features.zarr
     """
     from backbench.store import Cache
-    from backbench.store.verify import verify as run
+    from backbench.store.verify import incomplete, verify as run
 
-    problems, checked = run(Cache(cache, mode="r"), incomplete=True)
+    store = Cache(cache, mode="r")
+    problems, checked = run(store)
+    unfinished = incomplete(store)
     if json_:
-        emit_json({"chunks_checked": checked, "problems": problems})
+        emit_json({"chunks_checked": checked, "problems": problems, "incomplete": unfinished})
     elif problems:
         table(problems, ["group", "chunk", "rows", "status", "detail"],
               title=f"{len(problems)} problem(s); {checked} chunk(s) checked")
     else:
         out.print(f"{checked} chunk(s) verified: all checksums match")
+    for g in unfinished if not json_ else []:
+        out.print(f"incomplete: {g['group']} has {g['rows_done']} of {g['n']} rows (reads refuse it); "
+                  f"finish it with `backbench extract`")
     if problems:
         raise typer.Exit(1)
 

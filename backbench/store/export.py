@@ -37,7 +37,7 @@ def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None
     with h5py.File(target, "w") as h5:
         h5.attrs["backbench"] = "feature cache export"
         h5.attrs["source_cache"] = str(cache.path)
-        for group in cache.groups():
+        for group in cache.groups(bounded=False):
             group.check().check_files()
             group.check_chunks(group.node["features"][:], group.node["labels"][:])
             g = h5.require_group(group.path)

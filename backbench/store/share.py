@@ -13,13 +13,15 @@ import os
 import shutil
 import stat
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
-from backbench.errors import CacheError, CacheMismatch
+from backbench.errors import CacheError, CacheMismatch, IncompleteGroup
 from backbench.store.cache import RESULTS, Cache, default_cache_path, group_path_ok, url_scheme
 from backbench.store.cleanup import clean_partials, clean_staging, partial_name, staging_dir
 from backbench.store.group import group_key
-from backbench.store.verify import verify
+from backbench.store.lock import group_locked
+from backbench.store.verify import incomplete, refuse_damaged, verify
 
 MANIFEST = "backbench-pack.json"
 EXPANSION = 10  # a pack may unpack to at most this many times its size unless --max-size says more
@@ -41,18 +43,26 @@ def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
     ``target`` is never a truncated zip; leftovers of killed runs are removed first.
     """
     root, target = _local_root(cache), Path(target)
+    if not groups:
+        refuse_damaged(cache)
     held = {g.path: g for g in cache.groups()}
     missing = [g for g in groups if g.strip("/") not in held]
     if missing:
         raise CacheError(f"no group {missing[0]!r} in {cache.path}; see `backbench ls --json` for group paths")
     chosen = {held[g.strip("/")] for g in groups} if groups else set(held.values())
+    for g in chosen:  # a pack holds whole, readable groups only (unpack refuses anything else)
+        if not g.check().check_files().is_complete:
+            raise IncompleteGroup(f"group {g.path} is incomplete ({g.rows_done()} of {g.n} rows); finish it with "
+                                  f"`backbench extract` before packing it (or merge caches instead)")
     keys = {g.attrs["cache_key"] for g in chosen}
     records = [r for r in (dict(n.attrs) for _, n in _results(cache)) if set(r.get("groups", {}).values()) <= keys]
     manifest = {"groups": sorted(g.path for g in chosen), "records": len(records)}
     clean_partials(target.parent, recursive=False, name=target.name)
     tmp = partial_name(target)
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf, ExitStack() as locks:
+            for g in sorted(chosen, key=lambda g: g.path):  # no extraction, overwrite or merge while zipping
+                locks.enter_context(group_locked(cache.path, g.path, shared=True))
             _write_pack(zf, root, sorted(chosen, key=lambda g: g.path), records, manifest)
         os.replace(tmp, target)
     except OSError as exc:
@@ -243,6 +253,8 @@ def _check_staged(staged: Cache, manifest: dict) -> int:
             raise CacheError(f"pack group {path!r}: its attributes name another group ({where}); "
                              f"nothing was unpacked")
     problems, checked = verify(staged)
+    problems += [{"group": g["group"], "chunk": None, "detail": f"incomplete ({g['rows_done']} of {g['n']} rows "
+                  f"have a checksum)"} for g in incomplete(staged)]
     if problems:
         first = problems[0]
         where = first["group"] + (f" chunk {first['chunk']}" if first.get("chunk") is not None else "")
@@ -290,5 +302,6 @@ def _move_group(tmp: Path, root: Path, group: str) -> None:
                 shutil.copy(source, root / parent / "zarr.json")
             else:
                 (root / parent / "zarr.json").write_text(_GROUP_JSON)
-    if not (root / group).exists():
-        shutil.move(str(tmp / group), root / group)
+    with group_locked(str(root), group):  # not while an extraction, overwrite or merge writes it
+        if not (root / group).exists():
+            shutil.move(str(tmp / group), root / group)

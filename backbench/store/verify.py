@@ -11,13 +11,15 @@ from backbench.store.cache import Cache
 from backbench.store.chunks import chunk_checksum, missing_chunks, read_rows
 
 
-def verify(cache: Cache, *, incomplete: bool = False) -> tuple[list[dict[str, Any]], int]:
+def verify(cache: Cache) -> tuple[list[dict[str, Any]], int]:
     """(problems, chunks checked).
 
     A problem is a group whose metadata cannot be read or disagrees with its arrays
-    ("damaged"), or a chunk whose data changed, is missing or cannot be read; with
-    ``incomplete``, also each group with chunks that have no checksum (not finished, or a
-    lost marker). One bad group never stops the others from being checked.
+    ("damaged"), a chunk whose data changed, is missing or cannot be read, or a chunk whose
+    checksum marker is gone from a group that extraction had recorded as complete ("lost":
+    the group now reads as incomplete, and its data may have been rewritten). A group still
+    being extracted is no problem (see :func:`incomplete`). One bad group never stops the
+    others from being checked.
     """
     problems = [{"group": path, "chunk": None, "rows": "", "status": "damaged", "detail": detail}
                 for path, detail in cache.damaged()]
@@ -28,19 +30,32 @@ def verify(cache: Cache, *, incomplete: bool = False) -> tuple[list[dict[str, An
         except DamagedGroup as exc:
             problems.append({"group": group.path, "chunk": None, "rows": "", "status": "damaged", "detail": str(exc)})
             continue
-        done = np.flatnonzero(stored >= 0).tolist()
-        if incomplete and len(done) < group.n_chunks:
-            problems.append({"group": group.path, "chunk": int(np.flatnonzero(stored < 0)[0]), "rows": "",
-                             "status": "incomplete",
-                             "detail": f"{group.rows_done()} of {group.n} rows have a checksum; finish the group "
-                                       f"with `backbench extract`, or re-extract it with --overwrite"})
-        for chunk in done:
+        if group.attrs.get("complete") is True:
+            for chunk in np.flatnonzero(stored < 0).tolist():
+                a, b = group.chunk_bounds(chunk)
+                problems.append({"group": group.path, "chunk": chunk, "rows": f"{a}:{b}", "status": "lost",
+                                 "detail": "its checksum marker is gone although the group was complete; "
+                                           "re-extract the group with --overwrite"})
+        for chunk in np.flatnonzero(stored >= 0).tolist():
             checked += 1
             problem = _check_chunk(group, chunk, int(stored[chunk]))
             if problem:
                 a, b = group.chunk_bounds(chunk)
                 problems.append({"group": group.path, "chunk": chunk, "rows": f"{a}:{b}", **problem})
     return problems, checked
+
+
+def incomplete(cache: Cache) -> list[dict[str, Any]]:
+    """Groups with chunks that have no checksum yet: ``{"group", "rows_done", "n"}`` each."""
+    out = []
+    for group in cache.groups(bounded=False):
+        try:
+            done = group.check().rows_done()
+        except DamagedGroup:
+            continue  # reported by verify
+        if done < group.n:
+            out.append({"group": group.path, "rows_done": done, "n": group.n})
+    return out
 
 
 def refuse_damaged(cache: Cache) -> None:
