@@ -51,7 +51,7 @@ def test_the_good_config_loads():
     ({"task_fewshot": {"shots": []}}, "tasks.fewshot.shots must be a non-empty list of positive integers"),
     ({"workers": -3}, "workers must be an integer >= 0"),
     ({"device": "banana"}, "device must be auto, cpu, cuda, cuda:N or mps, not 'banana'"),
-    ({"backbones": ["timm:resnet1888@random"]}, "backbones[0] 'timm:resnet1888@random': unknown timm model"),
+    ({"backbones": ["timm:resnet1888@random"]}, "backbones[0]: backbone 'timm:resnet1888@random': unknown timm model"),
     ({"backbones": ["nosuch:resnet18"]}, "unknown backbone source 'nosuch'"),
     ({"digits_source": "digitz"}, "datasets.digits.source: unknown data source 'digitz'"),
     ({"digits_splits": {"train": "imagefolder:", "test": "digits"}}, "datasets.digits.splits.train: data source "
@@ -83,7 +83,7 @@ def test_every_problem_is_reported_at_once():
     text = _problems(raw)
     assert text.startswith("b.toml: 7 problem(s): ") and "\n" not in text
     for key in ("workers", "device", "datasets.digits.limit", "tasks.knn.k", "tasks.knn: unknown key(s) ks",
-                "tasks.fewshot.shots", "backbones[1] 'foo:bar'"):
+                "tasks.fewshot.shots", "backbones[1]: backbone 'foo:bar'"):
         assert key in text
 
 

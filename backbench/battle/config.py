@@ -226,7 +226,7 @@ def _backbones(raw: Any, source: str, problems: _Problems) -> list[str]:
         except WeightsError:  # a weights file is the extraction cell's to find (a cluster may see it, we may not)
             continue
         except BackbenchError as exc:
-            problems.append(f"backbones[{i}] {b!r}: {exc}")
+            problems.append(f"backbones[{i}]: backbone {b!r}: {exc}")
     return list(raw)
 
 
