@@ -210,3 +210,27 @@ def test_a_pack_with_a_rewritten_chunk_and_no_marker_is_refused(digits_cache, tm
     code, out, err = run_cli("unpack", str(evil), "--into", str(into))
     assert code == 1 and out == "" and GROUP in err and "chunk 2" in err
     assert not into.exists()  # nothing was moved, no empty cache left behind
+
+
+def test_a_truncated_root_metadata_file_is_named(digits_cache, run_cli):
+    meta = Path(digits_cache, "zarr.json")
+    meta.write_text(meta.read_text()[:40])
+    code, out, err = run_cli("ls", "--cache", digits_cache)
+    assert code == 1 and out == "" and "its root zarr.json cannot be read" in err and digits_cache in err
+
+
+def test_merge_and_export_carry_a_lost_marker_as_an_incomplete_group(digits_cache, tmp_path, run_cli):
+    """A group whose marker is gone is copied as what its markers say: incomplete, never whole."""
+    _missing_marker(Path(digits_cache))
+    into = str(tmp_path / "m.zarr")
+    code, out, err = run_cli("merge", digits_cache, "--into", into)
+    assert code == 0, err
+    merged = Cache(into).group(B, "digits", "train")
+    assert merged.rows_done() == 744 and not merged.is_complete
+    with pytest.raises(IncompleteGroup):
+        merged.features()
+    code, _, err = run_cli("export", "--to", str(tmp_path / "x.h5"), "--cache", digits_cache)
+    assert code == 0, err
+    code, out, err = run_cli("import", str(tmp_path / "x.h5"), "--cache", str(tmp_path / "i.zarr"))
+    assert code == 0 and "1 incomplete" in out, (out, err)
+    assert Cache(str(tmp_path / "i.zarr")).group(B, "digits", "train").rows_done() == 744

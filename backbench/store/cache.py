@@ -187,7 +187,8 @@ class Cache:
                 raise CacheError(self._read_only_message("extract")) from None
             raise missing from None
         except Exception as exc:
-            raise CacheError(f"cannot open cache {self.path!r}: {type(exc).__name__}: {exc}") from exc
+            what = "its root zarr.json cannot be read: " if isinstance(exc, ValueError) else ""
+            raise CacheError(f"cannot open cache {self.path!r}: {what}{type(exc).__name__}: {exc}") from exc
         version = self.root.attrs.get("backbench_schema_version")
         if version is None and not self.read_only:
             self.root.attrs.update({"backbench_schema_version": SCHEMA_VERSION, "backbench": "feature cache"})

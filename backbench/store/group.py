@@ -39,6 +39,7 @@ class FeatureGroup:
         self.node = node
         self._arrays: dict[str, Any] = {}
         self._checked = False
+        self._markers: np.ndarray | None = None  # the checksums as first read: what chunk reads check against
 
     def array(self, name: str):
         """An array of the group, opened once (each open reads its metadata)."""
@@ -238,8 +239,14 @@ class FeatureGroup:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one done row chunk, checked against its stored checksum."""
-        stored = self.stored_checksums()[chunk]
+        """(features, labels) of one done row chunk, checked against its stored checksum.
+
+        The checksums are read once per :class:`FeatureGroup` (streamed reads come back to
+        the same chunks many times); a chunk finished later is seen by a new one.
+        """
+        if self._markers is None:
+            self._markers = self.stored_checksums()
+        stored = self._markers[chunk]
         if stored < 0:
             raise IncompleteGroup(f"chunk {chunk} of {self.path} is not done (no checksum); finish it with "
                                   f"`backbench extract`")
