@@ -234,3 +234,35 @@ def test_merge_and_export_carry_a_lost_marker_as_an_incomplete_group(digits_cach
     code, out, err = run_cli("import", str(tmp_path / "x.h5"), "--cache", str(tmp_path / "i.zarr"))
     assert code == 0 and "1 incomplete" in out, (out, err)
     assert Cache(str(tmp_path / "i.zarr")).group(B, "digits", "train").rows_done() == 744
+
+
+def test_overwrite_waits_while_the_group_lock_is_held(tmp_path):
+    """Case 4, deterministic: while a writer holds the group's lock (as a running extraction
+    does), ``extract --overwrite`` says it waits and leaves the group alone; then replaces it whole."""
+    import os
+    import subprocess
+    import time
+
+    from backbench.extract.run import extract
+    from backbench.store.lock import group_locked
+
+    cache, name = str(tmp_path / "c.zarr"), "timm:test_resnet@random"
+    extract(name, "digits", cache=cache, dataset="digits", split="test", workers=0, limit=64, chunk_rows=16)
+    path = Cache(cache).group_path(name, "digits", "test")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with group_locked(cache, path):
+        proc = subprocess.Popen(_extract(cache, "--overwrite", "--dtype", "float32"),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        said = ""
+        deadline = time.monotonic() + 120
+        while "waiting" not in said and time.monotonic() < deadline and proc.poll() is None:
+            said += proc.stdout.readline()
+        assert "another process is extracting this group; waiting" in said, said
+        held = Cache(cache).group(name, "digits", "test")  # untouched while we hold the lock
+        assert held.attrs["dtype"] == "float16" and held.is_complete
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, said + rest
+    group = Cache(cache).group(name, "digits", "test")
+    assert group.attrs["dtype"] == "float32" and group.array("features").dtype == np.float32
+    assert group.is_complete and group.features().shape == (64, group.dim)
+    assert verify(Cache(cache, mode="r"))[0] == []
