@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from backbench.errors import ProbeInputError
+from backbench.probe.blocks import iter_blocks
 
 BLOCK_ROWS = 4096
 MAX_PRECONDITION_DIM = 2048  # above this a d x d eigendecomposition is not worth it
@@ -28,9 +29,7 @@ FTOL = 1e-9  # relative decrease of f that counts as float32 noise
 
 def _blocks(X, device, block_rows: int = BLOCK_ROWS):
     """``(start, float32 tensor)`` row blocks of a tensor or of a lazy :class:`GroupRows` (streamed)."""
-    from backbench.probe.stream import blocks
-
-    for start, rows in blocks(X, block_rows):
+    for start, rows in iter_blocks(X, block_rows, stored_chunks=True):
         yield start, rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows).to(device)
 
 

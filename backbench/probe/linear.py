@@ -84,15 +84,13 @@ def _slabs(X, device=None):
 
 
 def _check_finite(X, what: str) -> None:
-    import torch
-
+    from backbench.probe.blocks import NOT_FINITE, iter_blocks
     from backbench.probe.stream import GroupRows
 
     if isinstance(X, GroupRows):
         return  # checked chunk by chunk as it is read
-    for i in range(0, len(X), _EVAL_ROWS):
-        if not bool(torch.isfinite(X[i : i + _EVAL_ROWS]).all()):
-            raise ProbeInputError(f"{what} contains NaN or infinite values; drop or impute them before probing")
+    for _ in iter_blocks(X, _EVAL_ROWS, check_finite=NOT_FINITE.format(name=what, purpose="probing")):
+        pass
 
 
 # ----------------------------------------------------------------------------- estimator

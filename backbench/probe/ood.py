@@ -31,6 +31,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from backbench.errors import ProbeInputError
+from backbench.probe.blocks import NOT_FINITE, iter_blocks
 from backbench.probe.knn import check_features, import_faiss, l2_normalize, to_device
 
 LOGIT_KINDS = ("msp", "maxlogit", "energy")
@@ -42,13 +43,8 @@ _EPS = np.finfo(np.float64).eps
 
 def iter_rows(X: Any, batch_size: int, dtype=np.float64, name: str = "X") -> Iterator[np.ndarray]:
     """Row chunks of ``X`` as fresh C-contiguous ``dtype`` arrays; NaN or inf raises."""
-    if int(batch_size) < 1:
-        raise ProbeInputError(f"batch_size must be a positive integer, got {batch_size}")
-    for start in range(0, X.shape[0], int(batch_size)):
-        chunk = np.array(X[start : start + int(batch_size)], dtype=dtype, order="C", copy=True)
-        if not np.isfinite(chunk).all():
-            raise ProbeInputError(f"{name} contains NaN or infinite values; drop or impute them before scoring")
-        yield chunk
+    message = NOT_FINITE.format(name=name, purpose="scoring")
+    return (chunk for _, chunk in iter_blocks(X, batch_size, dtype=dtype, check_finite=message))
 
 
 def _softmax_parts(Z: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from backbench.errors import ProbeInputError, require
+from backbench.probe.blocks import iter_blocks, l2_normalize
 
 _AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 _GPU_RESOURCES: dict[int, Any] = {}  # faiss GPU resources must outlive their indexes
@@ -97,21 +98,10 @@ def check_features(X: Any, name: str = "X") -> Any:
     return X
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` (float32, modified in place) scaled to unit norm; zero rows stay zero."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    x /= np.maximum(norms, np.float32(1e-12))
-    return x
-
-
 def iter_normalized(X: Any, batch_size: int) -> Iterator[tuple[slice, np.ndarray]]:
     """``(rows, chunk)`` pairs: each chunk a fresh float32 C-contiguous L2-normalized copy."""
-    if batch_size < 1:
-        raise ProbeInputError(f"batch_size must be a positive integer, got {batch_size}")
-    n = X.shape[0]
-    for start in range(0, n, batch_size):
-        rows = slice(start, min(start + batch_size, n))
-        yield rows, l2_normalize(np.array(X[rows], dtype=np.float32, order="C", copy=True))
+    for start, chunk in iter_blocks(X, batch_size, dtype=np.float32, normalize=True):
+        yield slice(start, start + len(chunk)), chunk
 
 
 def add_normalized(index: Any, X: Any, batch_size: int) -> Any:
@@ -131,12 +121,11 @@ _Z = 8.0  # a result stands only if it clears the candidate boundary by this man
 
 def normalized_rows(X: Any, batch_size: int) -> np.ndarray:
     """All rows of ``X`` L2-normalized into one new float32 array, converted chunk by chunk."""
-    if batch_size < 1:
-        raise ProbeInputError(f"batch_size must be a positive integer, got {batch_size}")
     out = np.empty(X.shape, dtype=np.float32)
-    for start in range(0, len(out), batch_size):
-        out[start:start + batch_size] = X[start:start + batch_size]
-        l2_normalize(out[start:start + batch_size])
+    for start, block in iter_blocks(X, batch_size):
+        part = out[start:start + len(block)]
+        part[:] = block
+        l2_normalize(part)
     return out
 
 

@@ -162,15 +162,6 @@ class GroupRows:
                 yield int(self.offsets[p] + lo), part
 
 
-def blocks(X: Any, block_rows: int = 4096) -> Iterator[tuple[int, Any]]:
-    """``(start, rows)`` blocks of an in-memory array/tensor or a :class:`GroupRows`."""
-    if isinstance(X, GroupRows):
-        yield from X.blocks()
-        return
-    for start in range(0, X.shape[0], block_rows):
-        yield start, X[start : start + block_rows]
-
-
 def streamed_search(gallery: GroupRows, queries: np.ndarray, k: int, *, normalize: bool = True,
                     device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products of ``queries`` (float32, normalized by the caller) over
