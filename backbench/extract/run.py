@@ -26,10 +26,11 @@ from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, LoaderPace, jpeg
                                      started_decode)
 from backbench.extract.kinds import check_view, expand, stored_kind
 from backbench.provenance import library_versions
-from backbench.store.cache import READ_ONLY_SCHEMES, Cache, default_cache_path, url_scheme
+from backbench.store.cache import Cache, default_cache_path
+from backbench.store.location import Location
 from backbench.store.group import PROVENANCE_KEYS, FeatureGroup, chunk_rows_for, group_key
 from backbench.store.cleanup import clean_partials
-from backbench.store.lock import group_locked, local_file, locked
+from backbench.store.lock import group_locked, local_folder, locked
 
 Progress = Callable[[int, int], None]
 
@@ -592,7 +593,7 @@ def extract(
     :mod:`backbench.extract.decode`), "mixed" (both) or "auto" (mixed on a GPU; a resumed group keeps the
     decoding it was started with). ``compile``: wrap the forward pass in ``torch.compile``.
     """
-    if not isinstance(cache, Cache) and url_scheme(default_cache_path(cache)) in READ_ONLY_SCHEMES:
+    if not isinstance(cache, Cache) and not Location.of(default_cache_path(cache)).writable:
         cache = Cache(cache)  # opens read-only, creates nothing
     if isinstance(cache, Cache):
         cache.require_writable("extract")  # http(s):// caches are read-only: refuse before loading a model
@@ -620,7 +621,7 @@ def extract(
     # the first one's group. Shards own disjoint chunks and share it; an overwrite holds it alone.
     with group_locked(cache.path, cache.group_path(model.name, dataset, split), on_wait,
                       shared=shard[1] > 1 and not overwrite):
-        with locked(local_file(cache.path)):
+        with locked(local_folder(cache.path)):
             groups = {k: open_or_create(cache, {**attrs, "feature_kind": group_attrs(
                                             model, src, dataset, split, dtype, kind=k, view=view)["feature_kind"]},
                                         len(src), dims[k], model.num_classes if k == "pooled" else 0,
@@ -628,7 +629,7 @@ def extract(
                                         kind=stored_kind(k, view))
                       for k in kinds}
         for g in groups.values():  # chunk files a killed run left half-written
-            clean_partials(local_file(cache.path, g.path))
+            clean_partials(local_folder(cache.path, g.path))
         return _extract_pending(model, groups, src, batch_size=batch_size, device=device, workers=workers,
                                 shard=shard, on_error=on_error, progress=progress, decode=decode,
                                 compile=compile, view=view)

@@ -32,11 +32,11 @@ from urllib.parse import unquote
 from backbench.errors import (BackbenchError, BackbenchWarning, CacheError, DamagedGroup, DamagedWarning, GroupNotFound,
                               MissingDependency)
 from backbench.store.group import FeatureGroup
+from backbench.store.location import READ_ONLY_SCHEMES, Location
 
 SCHEMA_VERSION = 2  # 2: int64 chunk checksums, raw labels (schema 1 caches still read)
 RESULTS = "_results"
 INDEX = "backbench_groups"  # root attribute: the group paths, for stores that cannot list
-READ_ONLY_SCHEMES = ("http", "https")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _PART = re.compile(r"^[A-Za-z0-9_~+@-][A-Za-z0-9._~+@-]*$")  # one part of a group path: no ".", "..", "%", "/"
 LIST_BUDGET_ENV = "BACKBENCH_REMOTE_LIST_REQUESTS"
@@ -44,14 +44,6 @@ LIST_BUDGET = 10_000  # requests a listing of a remote cache may make (directory
 GROUP_REQUESTS = 4  # a listed group's metadata: its zarr.json and its arrays'
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "http": "aiohttp", "https": "aiohttp"}
-
-
-def url_scheme(path: str) -> str | None:
-    """``s3`` for ``s3://bucket/x.zarr``; None for a local path (``file://`` URLs are local)."""
-    scheme, sep, _ = str(path).partition("://")
-    if not sep or scheme.lower() == "file":
-        return None
-    return scheme.lower()
 
 
 def _check_filesystem(scheme: str) -> None:
@@ -162,18 +154,19 @@ class Cache:
         from zarr.errors import ContainsGroupError, GroupNotFoundError
 
         self.path = default_cache_path(path)
-        self.scheme = url_scheme(self.path)
-        self.read_only = mode == "r" or self.scheme in READ_ONLY_SCHEMES
+        self.location = Location.of(self.path)
+        self.scheme = self.location.scheme
+        self.read_only = mode == "r" or not self.location.writable
         missing = CacheError(f"no feature cache at {self.path!r}; run `backbench extract` first or pass --cache")
-        if self.scheme is None:
-            local = Path(self.path.removeprefix("file://"))
+        local = self.location.local_path
+        if local is not None:
             if local.exists() and not local.is_dir():
                 raise CacheError(f"cache path {self.path!r} is a file; give a folder such as features.zarr")
             if mode in ("r", "r+") and not (local / "zarr.json").exists():
                 raise missing
             store: Any = str(local)  # zarr's LocalStore: the fast raw-chunk paths and locks apply
         try:
-            if self.scheme is not None:
+            if local is None:
                 _check_filesystem(self.scheme)
                 store = _url_store(self.path, self.scheme, self.read_only, storage_options)
             try:
@@ -183,7 +176,7 @@ class Cache:
         except BackbenchError:
             raise
         except (GroupNotFoundError, FileNotFoundError):
-            if mode == "a" and self.scheme in READ_ONLY_SCHEMES:
+            if mode == "a" and not self.location.writable:
                 raise CacheError(self._read_only_message("extract")) from None
             raise missing from None
         except Exception as exc:
@@ -198,7 +191,7 @@ class Cache:
                 f"upgrade backbench"
             )
         self.mode = mode
-        if self.scheme is None and not self.read_only:
+        if local is not None and not self.read_only:
             from backbench.store.cleanup import clean_staging
 
             clean_staging(local)  # what an unpack killed half-way left beside the cache
@@ -206,7 +199,7 @@ class Cache:
     @property
     def is_url(self) -> bool:
         """True for caches behind a URL (not a local path or ``file://``): no locks, no fast paths."""
-        return self.scheme is not None
+        return not self.location.is_local
 
     def _read_only_message(self, action: str) -> str:
         return (f"cache URL {self.path!r} is read-only ({self.scheme}); "
@@ -214,7 +207,7 @@ class Cache:
 
     def require_writable(self, action: str = "write") -> None:
         """Refuse early, in one line, to write into an ``http(s)://`` cache."""
-        if self.scheme in READ_ONLY_SCHEMES:
+        if not self.location.writable:
             raise CacheError(self._read_only_message(action))
 
     def group_path(self, backbone: str, dataset: str, split: str, kind: str = "pooled") -> str:
@@ -327,7 +320,7 @@ class Cache:
         def dirs(p: Path) -> list[Path]:
             return sorted(e for e in p.iterdir() if e.is_dir() and not e.name.startswith((".", "_")))
 
-        root = Path(self.path.removeprefix("file://"))
+        root = self.location.local_path
         return [f"{b.name}/{d.name}/{s.name}" for b in dirs(root) for d in dirs(b) for s in dirs(d)
                 if (s / "zarr.json").is_file()]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,8 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
     refused before anything is written; a group whose copy fails (a chunk that fails its
     checksum, features beyond float16) is not left half-imported: a new one is removed."""
     from backbench.errors import require
-    from backbench.store.lock import local_file, locked
-    from backbench.store.merge import fill
+    from backbench.store.lock import local_folder, locked
+    from backbench.store.merge import check_same, fill, layout
 
     h5py = require("h5py")
     where = str(path)
@@ -118,14 +119,9 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
             key = group_key(a)
             have = cache.group(*key) if key in cache else None
             if have is not None:
-                if have.attrs.get("cache_key") != cache_key(a):
-                    raise CacheMismatch(f"{have.path} exists in {cache.path} with other contents (cache_key "
-                                        f"differs); import it under another --dataset or --split; nothing was "
-                                        f"imported")
-                if (have.n, have.dim, have.dtype, have.array("logits").shape[1] if have.has_logits else 0) != (
-                        spec["n"], spec["dim"], spec["dtype"], spec["num_classes"]):
-                    raise CacheMismatch(f"{have.path} exists in {cache.path} with other shapes (n, dim, dtype or "
-                                        f"logits); nothing was imported")
+                check_same(have.attrs.get("cache_key"), layout(have), cache_key(a),
+                           (spec["n"], spec["dim"], spec["dtype"], spec["num_classes"]),
+                           partial(_import_conflict, f"{have.path} exists in {cache.path}"))
             targets.append((spec, rows, key, have))
         for spec, rows, key, have in targets:
             path_ = cache.group_path(*key)
@@ -134,11 +130,11 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
                 continue
             fresh = have is None
             if fresh:
-                with locked(local_file(cache.path)):
+                with locked(local_folder(cache.path)):
                     have = cache.create_group(*key, n=spec["n"], dim=spec["dim"], num_classes=spec["num_classes"],
                                               dtype=spec["dtype"], chunk_rows=spec["chunk_rows"], attrs=spec["attrs"])
             try:
-                with locked(local_file(cache.path, have.path, "features")):
+                with locked(local_folder(cache.path, have.path, "features")):
                     written = fill(have, [rows])
             except Exception:
                 if fresh:
@@ -149,6 +145,16 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
             if not have.is_complete:
                 report["incomplete"].append({"group": path_, "rows_done": have.rows_done(), "n": have.n})
     return report
+
+
+def _import_conflict(where: str, what: str) -> CacheMismatch:
+    """Why an import is refused where the cache holds the group otherwise (see :func:`merge.check_same`)."""
+    from backbench.store.merge import OTHER_KEY
+
+    if what == OTHER_KEY:
+        return CacheMismatch(f"{where} with other contents (cache_key differs); import it under another --dataset "
+                             f"or --split; nothing was imported")
+    return CacheMismatch(f"{where} {what}; nothing was imported")
 
 
 def _exported_groups(h5) -> list:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from backbench.store.location import Location
+
 LOCKS = "_locks"
 _GROUP_JSON = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
 
@@ -47,16 +49,14 @@ def locked(path: str | Path | None, on_wait: Callable[[], None] | None = None, *
         os.close(fd)
 
 
-def local_file(cache_path: str, *parts: str) -> Path | None:
-    """The local path of a folder inside the store, or None for remote stores."""
-    if "://" in cache_path and not cache_path.startswith("file://"):
-        return None
-    return Path(cache_path.removeprefix("file://"), *parts)
+def local_folder(cache_path: str, *parts: str) -> Path | None:
+    """The local path of a folder inside the store (``parts`` below its root), or None for remote stores."""
+    return Location.of(cache_path).folder(*parts)
 
 
 def group_lock_folder(cache_path: str, group_path: str) -> Path | None:
     """The lock folder of ``group_path`` in a local cache (made if absent), or None for remote stores."""
-    root = local_file(cache_path)
+    root = local_folder(cache_path)
     if root is None or not root.is_dir():
         return None
     folder = root / LOCKS / hashlib.sha256(group_path.strip("/").encode()).hexdigest()[:24]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -25,7 +25,8 @@ from backbench.store.cache import RESULTS, Cache
 from backbench.store.chunks import chunk_checksum
 from backbench.store.cleanup import clean_partials
 from backbench.store.group import FeatureGroup, group_key
-from backbench.store.lock import group_locked, local_file, locked
+from backbench.store.location import Location
+from backbench.store.lock import group_locked, local_folder, locked
 from backbench.store.share import _results
 from backbench.store.verify import refuse_damaged
 
@@ -135,12 +136,26 @@ def fill(target: FeatureGroup, sources: list[Rows], *, max_bytes: int = COPY_BYT
     return len(expected)
 
 
-def same_layout(a: FeatureGroup, b: FeatureGroup) -> bool:
-    logits = [g.array("logits").shape[1] if g.has_logits else 0 for g in (a, b)]
-    return (a.n, a.dim, a.dtype) == (b.n, b.dim, b.dtype) and logits[0] == logits[1]
+OTHER_KEY = "made with different weights/preprocessing/data"
+OTHER_SHAPES = "with other shapes (n, dim, dtype or logits)"
 
 
-def conflict(path: str, a: str, b: str, what: str = "made with different weights/preprocessing/data") -> CacheMismatch:
+def layout(group: FeatureGroup) -> tuple[int, int, str, int]:
+    """``(n, dim, dtype, logit columns)``: what two copies of a group must share to be one group."""
+    return group.n, group.dim, group.dtype, group.array("logits").shape[1] if group.has_logits else 0
+
+
+def check_same(key_a: Any, layout_a: tuple, key_b: Any, layout_b: tuple,
+               refuse: Callable[[str], CacheMismatch]) -> None:
+    """Two copies of one group (merge's sources, or a cache and what is imported into it) must share
+    their fingerprint and layout; else ``refuse(OTHER_KEY or OTHER_SHAPES)`` is raised."""
+    if key_a != key_b:
+        raise refuse(OTHER_KEY)
+    if layout_a != layout_b:
+        raise refuse(OTHER_SHAPES)
+
+
+def conflict(path: str, a: str, b: str, what: str = OTHER_KEY) -> CacheMismatch:
     return CacheMismatch(f"{path} conflicts: {a} and {b} hold it {what} (cache_key differs); merge the others "
                          f"without one of these caches, or rename it (extract or import it under another "
                          f"--dataset or --split); nothing was merged")
@@ -152,7 +167,7 @@ def create_like(target: Cache, like: FeatureGroup) -> FeatureGroup:
     if target.group_path(*group_key(a)) != like.path:
         raise CacheError(f"{like.path}: its attributes name another group "
                          f"({a['backbone']} {a['dataset']}/{a['split']}); it cannot be copied by name")
-    with locked(local_file(target.path)):  # Cache.create_group: FeatureGroup.create, plus the root's index
+    with locked(local_folder(target.path)):  # Cache.create_group: FeatureGroup.create, plus the root's index
         group = target.create_group(*group_key(a), n=like.n, dim=like.dim,
                                     num_classes=like.array("logits").shape[1] if like.has_logits else 0,
                                     dtype=like.dtype, chunk_rows=like.chunk_rows, attrs=a)
@@ -168,9 +183,9 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
     Returns ``{"into", "sources", "groups_copied", "groups_present", "incomplete",
     "chunks_copied", "records_copied", "records_present"}``.
     """
-    mine = _where(target.path)
+    mine = target.location.identity
     for src in sources:
-        if _where(src.path) == mine:
+        if src.location.identity == mine:
             raise CacheError(f"{target.path} is both an input and the target; merge into another cache, "
                              f"e.g. --into all.zarr")
     # ------------------------------------------------------------- plan (reads only)
@@ -184,16 +199,11 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
     for path, entries in found.items():
         (c0, g0), key0 = entries[0], entries[0][1].attrs.get("cache_key")
         for c, g in entries[1:]:
-            if g.attrs.get("cache_key") != key0:
-                raise conflict(path, c0.path, c.path)
-            if not same_layout(g0, g):
-                raise conflict(path, c0.path, c.path, "with other shapes (n, dim, dtype or logits)")
+            check_same(key0, layout(g0), g.attrs.get("cache_key"), layout(g), partial(conflict, path, c0.path, c.path))
         have = held.get(path)
         if have is not None:
-            if have.attrs.get("cache_key") != key0:
-                raise conflict(path, target.path, c0.path)
-            if not same_layout(have, g0):
-                raise conflict(path, target.path, c0.path, "with other shapes (n, dim, dtype or logits)")
+            check_same(have.attrs.get("cache_key"), layout(have), key0, layout(g0),
+                       partial(conflict, path, target.path, c0.path))
         plan.append((path, entries, have))
     # ------------------------------------------------------------------- copy
     summary: dict[str, Any] = {"into": target.path, "sources": [s.path for s in sources], "groups_copied": [],
@@ -206,7 +216,7 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
         order = sorted(range(len(rows)), key=lambda i: -rows[i].rows_done())  # most complete first
         with group_locked(target.path, path):  # an extraction or unpack of this group waits, and vice versa
             group = have if have is not None else create_like(target, entries[order[0]][1])
-            clean_partials(local_file(target.path, path))  # chunks a killed merge or extract left half-written
+            clean_partials(local_folder(target.path, path))  # chunks a killed merge or extract left half-written
             written = fill(group, [rows[i] for i in order])
         if have is None or written:
             summary["groups_copied"].append(path)
@@ -241,13 +251,13 @@ def copy_records(sources: list[Cache], target: Cache) -> dict[str, int]:
 def merge_caches(paths: list[str], into: str) -> dict[str, Any]:
     """:func:`merge` by paths: the inputs opened read-only, ``into`` created if absent (and
     removed again if the merge is refused before anything was written)."""
-    mine = _where(into)
+    mine = Location.of(into).identity
     for p in paths:
-        if _where(p) == mine:
+        if Location.of(p).identity == mine:
             raise CacheError(f"--into {into} is also one of the inputs; merge into another cache, "
                              f"e.g. --into all.zarr")
     sources = [Cache(p, mode="r") for p in paths]
-    local = None if "://" in into and not into.startswith("file://") else Path(into.removeprefix("file://"))
+    local = Location.of(into).local_path
     fresh = local is not None and not local.exists()
     target = Cache(into)
     try:
@@ -256,9 +266,3 @@ def merge_caches(paths: list[str], into: str) -> dict[str, Any]:
         if fresh and sorted(os.listdir(local)) == ["zarr.json"]:
             shutil.rmtree(local)
         raise
-
-
-def _where(path: str) -> str:
-    if "://" in path and not path.startswith("file://"):
-        return path.rstrip("/")
-    return os.path.realpath(path.removeprefix("file://"))

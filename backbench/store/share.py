@@ -17,9 +17,10 @@ from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
 from backbench.errors import CacheError, CacheMismatch, IncompleteGroup
-from backbench.store.cache import RESULTS, Cache, default_cache_path, group_path_ok, url_scheme
+from backbench.store.cache import RESULTS, Cache, default_cache_path, group_path_ok
 from backbench.store.cleanup import clean_partials, clean_staging, partial_name, staging_dir
 from backbench.store.group import group_key
+from backbench.store.location import Location
 from backbench.store.lock import group_locked
 from backbench.store.verify import incomplete, refuse_damaged, verify
 
@@ -29,10 +30,12 @@ COPY_BLOCK = 1 << 20
 _GROUP_JSON = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
 
 
-def _local_root(cache: Cache) -> Path:
-    if "://" in cache.path and not cache.path.startswith("file://"):
+def _local_root(cache: Cache | str | os.PathLike | None) -> Path:
+    """The local folder of a cache (opened, or by path); pack and unpack refuse URLs."""
+    where = cache.location if isinstance(cache, Cache) else Location.of(default_cache_path(cache))
+    if where.local_path is None:
         raise CacheError("pack and unpack work on local caches; copy remote ones with fsspec first")
-    return Path(cache.path.removeprefix("file://"))
+    return where.local_path
 
 
 def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
@@ -152,12 +155,9 @@ def unpack(archive: str | Path, cache: Cache | str | os.PathLike | None, *, max_
 
 
 def _local_path(path: str | os.PathLike | None) -> Path:
-    where = default_cache_path(path)
-    if url_scheme(where) is not None:
-        raise CacheError("pack and unpack work on local caches; copy remote ones with fsspec first")
-    local = Path(where.removeprefix("file://"))
+    local = _local_root(path)
     if local.exists() and not local.is_dir():
-        raise CacheError(f"cache path {where!r} is a file; give a folder such as features.zarr")
+        raise CacheError(f"cache path {default_cache_path(path)!r} is a file; give a folder such as features.zarr")
     return local
 
 
