@@ -47,12 +47,16 @@ def models(
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:
+    """``"0/4"`` -> ``(0, 4)``; anything but I/N with 0 <= I < N is a usage error (a real check,
+    not an ``assert``, which ``python -O`` strips)."""
+    bad = OptionError(f"--shard {shard!r} must be I/N with 0 <= I < N, e.g. 0/4")
     try:
         i, n = (int(v) for v in shard.split("/"))
-        assert 0 <= i < n
-        return i, n
-    except Exception:
-        raise OptionError(f"--shard {shard!r} must be I/N with 0 <= I < N, e.g. 0/4") from None
+    except ValueError:
+        raise bad from None
+    if not 0 <= i < n:
+        raise bad
+    return i, n
 
 
 class _LazyBar:
