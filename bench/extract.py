@@ -142,7 +142,7 @@ def main() -> None:
     if args.quick:
         args.images, args.n = 128, 5000
     from backbench.extract.backbones import load_backbone
-    from backbench.extract.data import ImageFolder
+    from backbench.extract.datasets import ImageFolder
 
     folder = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:

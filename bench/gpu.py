@@ -124,7 +124,7 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
     import torch
 
     from backbench.extract.decode import DeviceDecoder
-    from backbench.extract.data import _open_rgb
+    from backbench.extract.datasets import open_rgb
     from backbench.extract.run import _collate_packed, _decode_ahead, forward_step
 
     cuda = DEVICE == "cuda"
@@ -166,7 +166,7 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
         for i, (f, d) in enumerate(zip(files, data)):
             key = d.numpy().tobytes()
             if key not in reference:
-                reference[key] = tf(_open_rgb(f)).int()
+                reference[key] = tf(open_rgb(f)).int()
             diff.append((got[i].int() - reference[key]).abs().float().mean().item())
         out.update(images_checked=len(diff), worst_mean_abs_diff=round(max(diff), 2),
                    images_over_8=sum(d > 8 for d in diff))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-from backbench.extract.data import Digits
+from backbench.extract.datasets import Digits
 
 RESNET = "timm:test_resnet@random"
 

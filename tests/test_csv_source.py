@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backbench.errors import DataSourceError
-from backbench.extract.data import CsvSource, open_source
+from backbench.extract.datasets import CsvSource, open_source
 
 
 def test_a_byte_order_mark_is_not_part_of_the_header(imagefolder):

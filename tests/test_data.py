@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backbench.errors import DataSourceError
-from backbench.extract.data import CsvSource, Digits, ImageFolder, open_source
+from backbench.extract.datasets import CsvSource, Digits, ImageFolder, open_source
 from conftest import write_image
 
 
@@ -93,7 +93,7 @@ def test_digits_shifted_keeps_classes_and_ids_of_test():
 
 
 def test_textures_are_reproducible_per_split():
-    from backbench.extract.data import Textures
+    from backbench.extract.datasets import Textures
 
     a, b, c = Textures("test"), Textures("test"), Textures("val")
     assert len(a) == 200 and a.classes[0] == "stripes"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from backbench.errors import BackbenchError, CacheMismatch, SampleError
 from backbench.extract.backbones import load_backbone
-from backbench.extract.data import Digits, ImageFolder, _open_rgb
+from backbench.extract.datasets import Digits, ImageFolder, open_rgb
 from backbench.extract.decode import DeviceDecoder, LoaderPace, jpeg_payload
 from backbench.extract.run import _collate_packed, _Images, _unpack, extract
 from backbench.store import Cache
@@ -51,7 +51,7 @@ def test_device_decode_gives_the_workers_pixels(jpegs):
     out, errors = DeviceDecoder(bb.preprocess, "cpu", None)(list(range(len(src))), payloads)
     assert errors == {}
     for i in range(len(src)):
-        assert torch.equal(out[i], tf(_open_rgb(jpegs / src.ids[i]))), src.ids[i]
+        assert torch.equal(out[i], tf(open_rgb(jpegs / src.ids[i]))), src.ids[i]
 
 
 def test_device_decode_extracts_the_same_features_and_records_it(jpegs, cache_path):
@@ -176,7 +176,7 @@ def test_a_mixed_worker_decodes_while_there_is_time_and_sends_the_rest_as_bytes(
     packed, errors = load(position=3)
     assert not any(errors) and not packed[0].any()  # nothing left for the device
     for i, img in enumerate(_unpack(packed)):
-        assert torch.equal(img, tf(_open_rgb(jpegs / src.ids[i]))), src.ids[i]
+        assert torch.equal(img, tf(open_rgb(jpegs / src.ids[i]))), src.ids[i]
     assert load(position=0)[0][0].tolist() == [True] * 5 + [False, False]  # the first round: bytes
     pace = LoaderPace()
     pace.shared[:] = [3, time.monotonic(), 10.0, 1.0]  # three taken, a batch every 10 s: batch 3 is due

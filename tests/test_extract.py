@@ -16,7 +16,7 @@ import zarr
 
 from backbench.errors import CacheError, CacheMismatch, IncompleteGroup
 from backbench.extract.backbones import load_backbone
-from backbench.extract.data import Digits, ImageFolder
+from backbench.extract.datasets import Digits, ImageFolder
 from backbench.extract.run import extract
 from backbench.store import Cache
 

@@ -9,7 +9,7 @@ import torch
 
 from backbench.errors import BackbenchError, GroupNotFound
 from backbench.extract.backbones import load_backbone
-from backbench.extract.data import Digits
+from backbench.extract.datasets import Digits
 from backbench.extract.kinds import expand, kinds_forward, probe_kinds
 from backbench.extract.run import extract
 from backbench.probe.data import load_split, use_features

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from backbench.errors import DataSourceError, ProbeInputError
-from backbench.extract.data import open_source
+from backbench.extract.datasets import open_source
 from backbench.probe.multilabel import fit_multilabel, label_matrix
 from backbench.probe.neighbour_tasks import run_knn
 from backbench.probe.tasks import run_probe

@@ -14,7 +14,7 @@ from PIL import Image
 
 from backbench.errors import BackbenchError
 from backbench.extract.backbones import load_backbone
-from backbench.extract.data import ImageFolder
+from backbench.extract.datasets import ImageFolder
 from backbench.extract.run import extract
 from backbench.store import Cache
 

@@ -57,22 +57,22 @@ def messy(tmp_path, imagefolder):
 
 
 def test_odd_modes_decode_to_rgb(tmp_path):
-    from backbench.extract.data import _open_rgb
+    from backbench.extract.datasets import open_rgb
 
     for p in _odd_modes(tmp_path):
-        img = _open_rgb(p)
+        img = open_rgb(p)
         assert img.mode == "RGB" and img.size == (20, 20)
-    sixteen = np.asarray(_open_rgb(tmp_path / "m_16.png"))
+    sixteen = np.asarray(open_rgb(tmp_path / "m_16.png"))
     assert 50 < sixteen.mean() < 200  # scaled from 16 bits, not clipped to white
 
 
 def test_decompression_bomb_is_a_sample_error(tmp_path, monkeypatch):
-    from backbench.extract.data import _open_rgb
+    from backbench.extract.datasets import open_rgb
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     path = write_image(tmp_path / "big.png", seed=0, size=(20, 20))
     with pytest.raises(SampleError, match="big.png.*DecompressionBomb"):
-        _open_rgb(path)
+        open_rgb(path)
 
 
 def test_on_error_fail_names_the_file_and_keeps_finished_chunks(messy, cache_path):

@@ -129,7 +129,7 @@ def extract(
     Example:  backbench extract timm:tf_efficientnet_lite0@local timm:resnet18@random --data digits --dataset digits --split train
     """
     from backbench.extract.backbones import resolve
-    from backbench.extract.data import open_source
+    from backbench.extract.datasets import open_source
     from backbench.extract.run import extract as run
 
     if dtype not in ("float16", "float32"):

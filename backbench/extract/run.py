@@ -8,7 +8,6 @@ after its data: a chunk without one is redone on the next run.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import os
 import time
@@ -21,7 +20,7 @@ import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch, DamagedGroup, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
-from backbench.extract.data import ImageSource, open_source
+from backbench.extract.datasets import ImageSource, limit_source, open_source
 from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, LoaderPace, jpeg_payload, provenance, resolve_decode,
                                      started_decode)
 from backbench.extract.kinds import check_view, expand, stored_kind
@@ -77,15 +76,6 @@ def default_workers(decode: str) -> int:
     device decoding, writing) keep while the workers decode."""
     cores = os.cpu_count() or 1
     return max(1, cores - 2) if decode == "mixed" else cores
-
-
-def limit_source(source: ImageSource, limit: int | None) -> ImageSource:
-    """The first ``limit`` samples of ``source`` (its fingerprint covers just those)."""
-    if limit is None or limit >= len(source):
-        return source
-    sub = copy.copy(source)
-    sub.ids, sub.labels = source.ids[:limit], source.labels[:limit]
-    return sub
 
 
 def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: str, dtype: str,

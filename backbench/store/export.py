@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch
+from backbench.labels import LabelRules, normalize_labels
 from backbench.store.cache import Cache
 from backbench.store.chunks import as_crc
 from backbench.store.verify import refuse_damaged
@@ -333,25 +334,17 @@ def _classes(places: list, ds) -> list[str] | None:
     return None
 
 
+IMPORTED_LABELS = LabelRules(
+    error=CacheError, unlabelled=None, int_names="present", numeric_sort=False,
+    beyond="{what} runs to {value} but classes names only {count}; labels index the classes from 0",
+    unknown="{what} holds {value!r}, which is not in its classes",
+)
+
+
 def _labels(where: str, name: str, raw: np.ndarray, classes: list[str] | None) -> tuple[np.ndarray, list[str]]:
     """Integer labels and class names: integers are kept (their sorted values as names unless
-    ``classes`` names them by index); strings become indices into their sorted names."""
-    if raw.dtype.kind == "f":
-        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
-            raise CacheError(f"{where}: {name} holds non-integer numbers; labels must be integers or strings")
-        raw = raw.astype(np.int64)
-    if raw.dtype.kind in "iub":
-        labels = raw.astype(np.int64)
-        if classes is None:
-            return labels, [str(v) for v in np.unique(labels[labels >= 0]).tolist()]
-        if labels.max(initial=-1) >= len(classes):
-            raise CacheError(f"{where}: {name} runs to {int(labels.max())} but classes names only {len(classes)}; "
-                             f"labels index the classes from 0")
-        return labels, classes
-    names = np.asarray([_py(v) for v in raw.tolist()], dtype=str)
-    classes = classes or sorted(set(names.tolist()))
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(names.tolist()) - set(index))
-    if unknown:
-        raise CacheError(f"{where}: {name} holds {unknown[0]!r}, which is not in its classes")
-    return np.array([index[v] for v in names.tolist()], dtype=np.int64), classes
+    ``classes`` names them by index; negative ones are rows without a label); strings become
+    indices into their sorted names."""
+    if raw.dtype.kind not in "fiub":
+        raw, classes = np.asarray([_py(v) for v in raw.tolist()], dtype=str), classes or None
+    return normalize_labels(raw, classes, what=f"{where}: {name}", rules=IMPORTED_LABELS)
