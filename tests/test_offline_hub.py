@@ -19,7 +19,7 @@ import pytest
 
 from backbench.errors import WeightsError
 from backbench.extract.backbones import load_backbone, state_dict_sha256
-from backbench.extract.sources import answers
+from backbench.extract.backbones.hub import answers
 
 CLI_BOUND_S = 40.0  # the whole process, imports included, on a busy machine (it took 57 s and more)
 LOAD_BOUND_S = 6.0  # the load itself, imports done: one probe of at most 3 s, then no retries

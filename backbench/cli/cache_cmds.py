@@ -27,10 +27,10 @@ def models(
     Example:  backbench models --source timm 'efficientnet_lite*'
               backbench models --source torchvision resnet
     """
-    from backbench.extract.backbones import SOURCES, _ensure_sources
+    from backbench.extract.backbones import SOURCES, ensure_sources
     from backbench.extract.catalog import catalog, on_machine
 
-    _ensure_sources()
+    ensure_sources()
     if source is not None and source not in SOURCES:
         raise OptionError(f"unknown source {source!r}; sources: {', '.join(sorted(SOURCES))}")
     rows = catalog(source, pattern, limit) if (pattern or source) else on_machine()

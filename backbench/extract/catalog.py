@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-from backbench.extract.backbones import SOURCES, _ensure_sources
+from backbench.extract.backbones import SOURCES, ensure_sources
 
 
 def _hub_cached() -> set[str]:
@@ -33,7 +33,7 @@ def _match(name: str, pattern: str | None) -> bool:
 
 def on_machine() -> list[dict[str, Any]]:
     """Backbones whose weights need no download: known packages and the hub cache."""
-    _ensure_sources()
+    ensure_sources()
     rows = [{"name": name, "on_machine": True, "weights": note}
             for src in SOURCES.values() for name, note in src.on_machine()]
     for repo in sorted(_hub_cached()):
@@ -44,7 +44,7 @@ def on_machine() -> list[dict[str, Any]]:
 
 def catalog(source: str | None = None, pattern: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
     """Names of ``source`` (or every source) matching ``pattern`` (substring or glob)."""
-    _ensure_sources()
+    ensure_sources()
     ready = {r["name"]: r for r in on_machine()}
     rows: list[dict[str, Any]] = [r for r in ready.values() if _match(r["name"], pattern)
                                   and (source is None or r["name"].startswith(source + ":"))]

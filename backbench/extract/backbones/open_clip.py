@@ -1,0 +1,73 @@
+"""The ``open_clip:`` source: the image tower of an open_clip model, ``ARCH/TAG`` or ``ARCH@random``.
+
+open_clip is imported when an ``open_clip:`` name is listed, checked or loaded.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from backbench.errors import WeightsError
+from backbench.extract.backbones.hub import fetching
+from backbench.extract.backbones.registry import RANDOM, Backbone, BackboneSpec, register_source
+from backbench.extract.backbones.weights import seeded
+from backbench.extract.preprocess import Preprocess
+
+
+@lru_cache(maxsize=1)
+def _ids() -> list[str]:
+    import open_clip
+
+    return sorted(open_clip.list_models()) + [f"{a}/{t}" for a, t in open_clip.list_pretrained()]
+
+
+def _valid(ident: str) -> bool:
+    import open_clip
+
+    arch, _, tag = ident.partition("/")
+    if arch not in open_clip.list_models():
+        return False
+    return not tag or (arch, tag) in set(open_clip.list_pretrained())
+
+
+def _forward(model: Any, x: Any) -> tuple[Any, Any]:
+    return model(x), None
+
+
+def _preprocess(visual: Any) -> Preprocess:
+    """The image tower's own preprocessing config, else OpenAI's statistics at its image size."""
+    import open_clip
+
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", visual.image_size)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return Preprocess(
+        input_size=(3, int(h), int(w)),
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        crop_pct=1.0,
+    )
+
+
+@register_source("open_clip", list_ids=lambda: _ids(), validate=_valid)
+def load_open_clip(spec: BackboneSpec) -> Backbone:
+    """``open_clip:ARCH/TAG`` (pretrained) or ``open_clip:ARCH@random``."""
+    import open_clip
+
+    arch, _, tag = spec.id.partition("/")
+    if spec.weights not in (None, RANDOM) or (spec.weights is None and not tag):
+        raise WeightsError(
+            f"open_clip backbones are open_clip:ARCH/TAG (pretrained) or open_clip:ARCH@random; "
+            f"got open_clip:{spec.id}{'@' + spec.weights if spec.weights else ''}"
+        )
+    if spec.weights == RANDOM:
+        seeded()
+        model = open_clip.create_model(arch, pretrained=None)
+        note = "random init (torch seed 0)"
+    else:
+        with fetching(f"open_clip weights {arch}/{tag}", f"open_clip:{arch}@random"):
+            model = open_clip.create_model(arch, pretrained=tag)
+        note = f"open_clip pretrained tag {tag}"
+    return Backbone(spec, model.visual, _preprocess(model.visual), _forward, False, note)
