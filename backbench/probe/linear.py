@@ -43,24 +43,65 @@ def _as_tensor(X, device: str, what: str = "X"):
     if isinstance(X, GroupRows):
         return X.on(device)
     if not isinstance(X, torch.Tensor):
-        X = np.asarray(X)
-        if X.dtype.kind not in "fiub":
-            raise ProbeInputError(f"{what} must be numeric, got dtype {X.dtype}")
+        X = _numeric(X, what)
         with warnings.catch_warnings():  # read-only arrays (memory maps): X is never written
             warnings.simplefilter("ignore", UserWarning)
             X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     if X.ndim != 2:
-        raise ProbeInputError(f"{what} must be 2-D (samples, features), got shape {tuple(X.shape)}")
+        hint = "; Reshape your data: X.reshape(1, -1) for one sample, X.reshape(-1, 1) for one feature"
+        raise ProbeInputError(f"{what} must be 2-D (samples, features), got shape {tuple(X.shape)}"
+                              + (hint if X.ndim == 1 else ""))
+    if X.shape[1] == 0:
+        raise ProbeInputError(f"{what} has 0 feature(s) (shape={tuple(X.shape)}) while a minimum of 1 is required: "
+                              f"a probe needs features")
     return X.detach().to(device=device, dtype=torch.float32)
 
 
+def _numeric(X, what: str) -> np.ndarray:
+    """``X`` as a real-valued numpy array. What scikit-learn's ``check_array`` refuses (sparse,
+    complex, non-numeric objects) is refused in its words; object arrays of numbers convert."""
+    from scipy.sparse import issparse
+
+    if issparse(X):
+        raise ProbeInputError(f"{what} is a sparse matrix: sparse input is not supported; pass X.toarray()")
+    X = np.asarray(X)
+    if X.dtype.kind == "O":
+        try:
+            X = X.astype(np.float64)
+        except TypeError as exc:  # e.g. a dict in a cell: numpy's message names what it met
+            raise TypeError(f"{what} must be numeric: {exc}") from None
+        except ValueError:
+            raise ProbeInputError(f"{what} must be numeric, got dtype object") from None
+    if X.dtype.kind == "c":
+        raise ProbeInputError(f"{what} must be numeric, got dtype {X.dtype}: Complex data not supported")
+    if X.dtype.kind not in "fiub":
+        raise ProbeInputError(f"{what} must be numeric, got dtype {X.dtype}")
+    return X
+
+
 def _encode(y, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(classes, codes)`` for labels ``y``; checks its length and that it has 2+ classes."""
+    """``(classes, codes)`` for labels ``y``; checks its length and that it has 2+ classes.
+
+    A column vector is taken with scikit-learn's ``DataConversionWarning``; continuous
+    targets are refused (``Unknown label type``), as scikit-learn's classifiers do.
+    """
+    from sklearn.exceptions import DataConversionWarning
+    from sklearn.utils.multiclass import type_of_target
+
+    if y is None:
+        raise ProbeInputError("LinearProbe requires y to be passed, but the target y is None")
     y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        warnings.warn("A column-vector y was passed when a 1d array was expected; pass y.ravel()",
+                      DataConversionWarning, stacklevel=3)
+        y = y.ravel()
     if y.ndim != 1:
         raise ProbeInputError(f"y must be 1-D (one label per sample), got shape {y.shape}")
     if len(y) != n_rows:
         raise ProbeInputError(f"X has {n_rows} rows but y has {len(y)} labels; they must match")
+    target = type_of_target(y)
+    if target not in ("binary", "multiclass"):
+        raise ProbeInputError(f"Unknown label type: {target}; y must hold class labels (integers or strings)")
     classes, codes = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ProbeInputError(f"y has only {len(classes)} class {classes.tolist()}; a probe needs at least 2")
@@ -156,7 +197,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "coef_")
         Xt = _as_tensor(X, self.device)
         if Xt.shape[1] != self.n_features_in_:
-            raise ProbeInputError(f"X has {Xt.shape[1]} features but the probe was fitted on {self.n_features_in_}")
+            raise ProbeInputError(f"X has {Xt.shape[1]} features, but {type(self).__name__} is expecting "
+                                  f"{self.n_features_in_} features as input (the number it was fitted on)")
         W_eff = self.coef_ / self.scale_
         b_eff = torch.as_tensor(self.intercept_ - W_eff @ self.mean_, dtype=torch.float32, device=Xt.device)
         W_eff = torch.as_tensor(W_eff, dtype=torch.float32, device=Xt.device)
@@ -180,7 +222,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each row."""
-        return self.classes_[self._logits(X).argmax(1)]
+        best = self._logits(X).argmax(1)  # first: an unfitted probe raises NotFittedError
+        return self.classes_[best]
 
 
 # ----------------------------------------------------------------------------- sweep

@@ -268,6 +268,8 @@ class Mahalanobis(_Scorer):
     def fit(self, X: Any, y: Any) -> Mahalanobis:
         """Class means and the shared covariance, in one float64 pass over ``X``; returns ``self``."""
         X, codes = self._start_fit(X, y)
+        if X.shape[0] < 2:
+            raise ProbeInputError("a Gaussian needs at least 2 training rows, got 1 sample")
         m = class_moments(X, codes, len(self.classes_), self.batch_size)
         self.means_, self.covariance_ = m["means"], m["within"]
         self.whitening_ = whitening(self.covariance_)

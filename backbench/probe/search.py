@@ -90,11 +90,20 @@ def flat_index(d: int, device: str = "cpu") -> Any:
 
 
 def check_features(X: Any, name: str = "X") -> Any:
-    """``X`` as a 2-D row-sliceable array (numpy arrays, zarr and h5py arrays pass through)."""
+    """``X`` as a 2-D row-sliceable array (numpy arrays, zarr and h5py arrays pass through).
+
+    Sparse and complex inputs are refused in scikit-learn's words, as ``check_array`` would.
+    """
+    if type(X).__module__.startswith("scipy.sparse"):
+        raise ProbeInputError(f"{name} is a sparse matrix: sparse input is not supported; pass {name}.toarray()")
     if not hasattr(X, "shape") or not hasattr(X, "__getitem__"):
         X = np.asarray(X)
-    if len(X.shape) != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ProbeInputError(f"{name} must be a non-empty 2-D (samples, features) array, got shape {tuple(X.shape)}")
+    if getattr(getattr(X, "dtype", None), "kind", None) == "c":
+        raise ProbeInputError(f"{name} must be real numbers, got dtype {X.dtype}: Complex data not supported")
+    shape = tuple(X.shape)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        none = f" (0 feature(s) (shape={shape}) while a minimum of 1 is required)" if shape[1:] == (0,) else ""
+        raise ProbeInputError(f"{name} must be a non-empty 2-D (samples, features) array, got shape {shape}{none}")
     return X
 
 
