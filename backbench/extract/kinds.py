@@ -27,7 +27,6 @@ from typing import Any
 
 from backbench.errors import BackbenchError
 
-BASES = ("pooled", "cls", "mean-patch", "cls+mean-patch")
 VIEWS = ("center", "flip", "center+flip")
 _KIND = re.compile(r"^(?:layer-(\d+):)?(pooled|cls|mean-patch|cls\+mean-patch)(?:@(flip|center\+flip))?$")
 
