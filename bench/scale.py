@@ -47,19 +47,16 @@ def make_cache(path: str, n: int, d: int, n_eval: int = 2000, classes: int = 10)
 def one(task: str, cache_path: str, limit: str) -> dict:
     """Run one task in this process; report seconds, peak RSS and the headline metric."""
     from backbench.probe.neighbour_tasks import run_knn
-    from backbench.probe.stream import limit_memory
     from backbench.probe.tasks import run_probe
     from backbench.store import Cache
 
     cache = Cache(cache_path, mode="r+")
     start = time.perf_counter()
-    with limit_memory(limit):
-        if task == "probe":
-            rec, _ = run_probe(cache, B, "gauss", "train", "test", Cs=[0.1], force=True)
-            metric = rec["metrics"]["top1"]
-        else:
-            rec = run_knn(cache, B, "gauss", "train", "test", ks=[20], force=True)[0][0]
-            metric = rec["metrics"]["top1"]
+    if task == "probe":
+        rec, _ = run_probe(cache, B, "gauss", "train", "test", Cs=[0.1], force=True, memory_limit=limit)
+    else:
+        rec = run_knn(cache, B, "gauss", "train", "test", ks=[20], force=True, memory_limit=limit)[0][0]
+    metric = rec["metrics"]["top1"]
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "top1": round(float(metric), 4)}

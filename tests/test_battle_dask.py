@@ -13,7 +13,7 @@ import pytest
 
 from backbench.battle.config import parse_config
 from backbench.battle.run import run_battle, run_battle_dask
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 
 RAW = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from backbench.report.leaderboard import build
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 from test_data_more import write_shards
 

@@ -9,7 +9,7 @@ import pytest
 from backbench.battle.config import parse_config
 from backbench.battle.run import run_battle
 from backbench.report.leaderboard import build
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 
 RAW = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from backbench.battle.config import ConfigError, load_config, parse_config, resolve_cache
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 
 GOOD = {"backbones": ["timm:test_resnet@random"], "workers": 0,

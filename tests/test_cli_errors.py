@@ -208,7 +208,7 @@ def test_results_shows_the_C_grid_and_the_chosen_C(digits_cache, run_cli):
                            "--val", "val", "--C", "0.001", "0.1", "10", "--cache", digits_cache)
     assert code == 0, err
     code, out, _ = run_cli("results", "--cache", digits_cache)
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
     from backbench.store import Cache
 
     (record,) = ResultsLog(Cache(digits_cache)).records()

@@ -244,7 +244,7 @@ def test_extraction_says_how_long_it_waited_for_the_workers(cache_path):
 
 def test_dtype_and_device_choices_on_cpu(cache_path, run_cli):
     from backbench.errors import BackbenchError
-    from backbench.extract.run import resolve_device
+    from backbench.device import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

@@ -12,7 +12,7 @@ from backbench.extract.backbones import load_backbone
 from backbench.extract.datasets import Digits
 from backbench.extract.kinds import expand, kinds_forward, probe_kinds
 from backbench.extract.run import extract
-from backbench.probe.data import load_split, use_features
+from backbench.probe.data import load_split
 from backbench.probe.tasks import run_probe
 from backbench.store import Cache
 
@@ -98,8 +98,7 @@ def test_extract_kinds_and_views_into_the_cache_and_probe_them(cache_path):
     with pytest.raises(BackbenchError, match="extract views with --views flip"):
         expand(["cls@flip"], None)
     # probes pick a kind, or a concatenation of the last blocks (DINOv2)
-    with use_features("last2:cls"):
-        split = load_split(cache, VIT, "d", "test")
+    split = load_split(cache, VIT, "d", "test", kind="last2:cls")
     np.testing.assert_array_equal(split.X, np.hstack([cache.group(VIT, "d", "test", "layer-1:cls").features(
         dtype=np.float32), cache.group(VIT, "d", "test", "layer-2:cls").features(dtype=np.float32)]))
     with pytest.raises(GroupNotFound, match="no 'mean-patch' features.*--features mean-patch"):
@@ -112,8 +111,7 @@ def test_probe_records_of_kinds_are_their_own_rows(cache_path, run_cli):
                 features=["pooled", "cls"])
     cache = Cache(cache_path, mode="r+")
     pooled, _ = run_probe(cache, VIT, "d", "train", "test", Cs=[1.0])
-    with use_features("cls"):
-        cls, _ = run_probe(cache, VIT, "d", "train", "test", Cs=[1.0])
+    cls, _ = run_probe(cache, VIT, "d", "train", "test", Cs=[1.0], features="cls")
     assert pooled["backbone"] == VIT and cls["backbone"] == f"{VIT}#cls" and pooled["key"] != cls["key"]
     code, out, err = run_cli("probe", "-b", VIT, "-d", "d", "--train", "train", "--eval", "test", "--C", "1",
                              "--features", "cls", "--cache", cache_path, "--json")
@@ -137,7 +135,7 @@ def test_a_battle_mixes_kinds_and_reports_them_as_rows(tmp_path, run_cli):
     code, out, err = run_cli("battle", str(cfg), "--cache", cache, "--json")
     assert code == 0, err
     from backbench.report.leaderboard import build
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
 
     lb = build(ResultsLog(Cache(cache, mode="r")).records())
     assert sorted(lb.backbones) == ["timm:test_resnet@random#layer-2:mean-patch", "timm:test_vit@random",

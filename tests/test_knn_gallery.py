@@ -62,7 +62,7 @@ def test_few_shot_galleries_clip_each_k(digits_cache, run_cli):
 def test_battle_reports_the_k_used(tmp_path):
     from backbench.battle.config import parse_config
     from backbench.battle.run import run_battle
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
 
     raw = {"backbones": ["timm:test_resnet@random"], "workers": 0,
            "datasets": {"digits": {"source": "digits", "splits": ["train", "test"], "limit": 40}},

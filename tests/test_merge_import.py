@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backbench.errors import CacheError, CacheMismatch
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 from backbench.store.export import export_h5, import_h5
 from backbench.store.merge import merge

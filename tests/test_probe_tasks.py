@@ -9,7 +9,7 @@ import pytest
 
 from backbench.errors import GroupNotFound, ProbeInputError
 from backbench.probe.tasks import run_few_shot, run_probe, summarize_few_shot
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 from conftest import put_group
 

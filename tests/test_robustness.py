@@ -14,7 +14,7 @@ from PIL import Image
 
 from backbench.errors import SampleError
 from backbench.extract.run import extract
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 from backbench.store.verify import verify
 from conftest import write_image
@@ -160,7 +160,7 @@ def test_a_new_cache_opened_by_many_at_once_opens_for_all(tmp_path):
 _APPEND = """
 import sys
 from backbench.store import Cache
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 log = ResultsLog(Cache(sys.argv[1], mode="r+"))
 for i in range(40):
     log.run({"task": "t", "who": sys.argv[2], "i": i}, lambda: {"metrics": {"x": i, "pad": "y" * 2000}})

@@ -11,7 +11,7 @@ import pytest
 
 from backbench.errors import CacheError, CacheMismatch
 from backbench.probe.tasks import run_probe
-from backbench.report.results import ResultsLog
+from backbench.store.results import ResultsLog
 from backbench.store import Cache
 from backbench.store.share import pack, unpack
 from conftest import put_group

@@ -13,7 +13,7 @@ from backbench.probe.data import load_split
 from backbench.probe.linear import select_and_fit
 from backbench.probe.neighbour_tasks import run_knn, run_retrieval
 from backbench.probe.ood_tasks import run_ood
-from backbench.probe.stream import GroupRows, limit_memory, parse_size
+from backbench.probe.stream import GroupRows, parse_size
 from backbench.probe.tasks import run_few_shot, run_probe
 from backbench.store import Cache
 from conftest import digits_pixels, put_group
@@ -60,20 +60,18 @@ def test_streamed_linear_probe_matches_in_memory(cache):
 
 
 def test_probe_knn_ood_records_match_with_a_memory_limit(cache):
-    with limit_memory(1 << 40):
-        probe, _ = run_probe(cache, B, "digits", "train", "test", val="val", Cs=[0.01, 0.1, 1.0])
-        fews = run_few_shot(cache, B, "digits", "train", "test", shots=[2], seeds=1, Cs=[0.1, 1.0])
-        knn = run_knn(cache, B, "digits", "train", "test", ks=[5, 20])[0][0]
-        ood, _ = run_ood(cache, B, "digits", "train", "test", ood=["noise:test"],
-                         scores=["mahalanobis", "knn", "vim", "energy", "cosine"])
-        ret, _ = run_retrieval(cache, B, "digits", "test", "train", ks=[1, 5])
-    with limit_memory("1KB"):
-        probe_s, _ = run_probe(cache, B, "digits", "train", "test", val="val", Cs=[0.01, 0.1, 1.0], force=True)
-        fews_s = run_few_shot(cache, B, "digits", "train", "test", shots=[2], seeds=1, Cs=[0.1, 1.0], force=True)
-        knn_s = run_knn(cache, B, "digits", "train", "test", ks=[5, 20], force=True)[0][0]
-        ood_s, _ = run_ood(cache, B, "digits", "train", "test", ood=["noise:test"],
-                           scores=["mahalanobis", "knn", "vim", "energy", "cosine"], force=True)
-        ret_s, _ = run_retrieval(cache, B, "digits", "test", "train", ks=[1, 5], force=True)
+    probe, _ = run_probe(cache, B, "digits", "train", "test", val="val", Cs=[0.01, 0.1, 1.0], memory_limit=1 << 40)
+    fews = run_few_shot(cache, B, "digits", "train", "test", shots=[2], seeds=1, Cs=[0.1, 1.0], memory_limit=1 << 40)
+    knn = run_knn(cache, B, "digits", "train", "test", ks=[5, 20], memory_limit=1 << 40)[0][0]
+    ood, _ = run_ood(cache, B, "digits", "train", "test", ood=["noise:test"],
+                     scores=["mahalanobis", "knn", "vim", "energy", "cosine"], memory_limit=1 << 40)
+    ret, _ = run_retrieval(cache, B, "digits", "test", "train", ks=[1, 5], memory_limit=1 << 40)
+    probe_s, _ = run_probe(cache, B, "digits", "train", "test", val="val", Cs=[0.01, 0.1, 1.0], force=True, memory_limit="1KB")
+    fews_s = run_few_shot(cache, B, "digits", "train", "test", shots=[2], seeds=1, Cs=[0.1, 1.0], force=True, memory_limit="1KB")
+    knn_s = run_knn(cache, B, "digits", "train", "test", ks=[5, 20], force=True, memory_limit="1KB")[0][0]
+    ood_s, _ = run_ood(cache, B, "digits", "train", "test", ood=["noise:test"],
+                       scores=["mahalanobis", "knn", "vim", "energy", "cosine"], force=True, memory_limit="1KB")
+    ret_s, _ = run_retrieval(cache, B, "digits", "test", "train", ks=[1, 5], force=True, memory_limit="1KB")
     assert probe_s["chosen_C"] == probe["chosen_C"]
     assert probe_s["metrics"]["top1"] == pytest.approx(probe["metrics"]["top1"], abs=2e-3)
     assert fews_s[0][0]["metrics"]["top1"] == pytest.approx(fews[0][0]["metrics"]["top1"], abs=1e-9)

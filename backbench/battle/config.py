@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tomllib
@@ -11,8 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backbench.errors import BackbenchError
+from backbench.tasks.base import POS_INT as _POS_INT
+from backbench.tasks.base import Check, is_int, is_text
 
-TASKS = ("probe", "fewshot", "knn", "retrieval", "ood", "shift")
 
 DEFAULT_TOML = """
 # The built-in battle: offline-ready pretrained EfficientNet-Lite backbones and random-init
@@ -82,6 +82,12 @@ class BattleConfig:
     source: str = "built-in default"
     shards: int = 1  # extraction cells per split (whole chunks each): one per GPU worker on a cluster
     extra: dict[str, Any] = field(default_factory=dict)
+    entries: list[tuple[str, str]] = field(default_factory=list)  # (backbone, feature kind) per row
+
+    def __post_init__(self) -> None:
+        if not self.entries:  # "NAME#KIND" in a config's list: NAME read with that feature kind, its own row
+            rows = [(b.partition("#")[0], b.partition("#")[2] or "pooled") for b in self.backbones]
+            object.__setattr__(self, "entries", rows)
 
     @property
     def main_datasets(self) -> list[DatasetSpec]:
@@ -89,56 +95,14 @@ class BattleConfig:
 
 
 # ----------------------------------------------------------------------------- value checks
-
-Check = tuple[Callable[[Any], bool], str]  # (accepts the value?, what is accepted)
-
-
-def _int(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _text(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def _list(item: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, list) and bool(v) and all(item(x) for x in v)
-
-
-def _scores(v: Any) -> bool:
-    from backbench.probe.ood import SCORES
-
-    return _list(lambda s: s in SCORES)(v)
-
-
-_POS_INT: Check = (lambda v: _int(v, 1), "a positive integer")
-_INTS: Check = (_list(lambda v: _int(v, 1)), "a non-empty list of positive integers, e.g. [10, 20]")
-_CS: Check = (_list(_number), "a non-empty list of positive numbers, e.g. [0.1, 1.0]")
-_REFS: Check = (_list(_text), 'a non-empty list of "DATASET:SPLIT" names, e.g. ["textures:test"]')
-
-# task -> its keys -> check; a key not listed here is an error (run.py reads exactly these)
-TASK_KEYS: dict[str, dict[str, Check]] = {
-    "probe": {"C": _CS},
-    "fewshot": {"shots": _INTS, "seeds": _POS_INT, "C": _CS},
-    "knn": {"k": _INTS, "temperature": (_number, "a positive number, e.g. 0.07")},
-    "retrieval": {"ks": _INTS},
-    "ood": {"ood": _REFS, "open_set": (_list(_text), 'a non-empty list of class names, e.g. ["8", "9"]'),
-            "scores": (_scores, "a non-empty list of OOD scores: knn, msp, maxlogit, energy, mahalanobis, "
-                                "relative_mahalanobis, vim, cosine")},
-    "shift": {"shifted": _REFS},
-}
-NEEDS = {"ood": ("ood", "open_set"), "shift": ("shifted",)}  # a task runs nothing without one of these
+# (the tasks' own parameters are checked by their schemas: backbench.tasks.base.Task.check_params)
 DEFAULT_TASKS = ("probe", "fewshot", "knn", "retrieval")  # no [tasks] table: those that need no inputs
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TOP: dict[str, Check] = {
-    "cache": (_text, "a path or URL string, e.g. \"battle.zarr\""),
+    "cache": (is_text, "a path or URL string, e.g. \"battle.zarr\""),
     "device": (lambda v: isinstance(v, str) and bool(_DEVICE.match(v)), "auto, cpu, cuda, cuda:N or mps"),
     "batch_size": _POS_INT,
-    "workers": (lambda v: _int(v, 0), "an integer >= 0 (0: decode in the main process)"),
+    "workers": (lambda v: is_int(v, 0), "an integer >= 0 (0: decode in the main process)"),
     "shards": _POS_INT,
 }
 DATASET_KEYS = {"source", "splits", "train", "eval", "val", "role", "limit"}
@@ -164,15 +128,15 @@ class _Problems(list):
 
 def _splits(name: str, raw: dict[str, Any], problems: _Problems) -> dict[str, str]:
     """``splits`` as {split: source}, each source parseable (nothing is opened)."""
-    from backbench.extract.data import split_spec
+    from backbench.extract.datasets import split_spec
 
     splits_raw, where = raw.get("splits"), f"datasets.{name}"
-    if isinstance(splits_raw, list) and all(_text(s) for s in splits_raw) and splits_raw:
-        if not _text(raw.get("source")):
+    if isinstance(splits_raw, list) and all(is_text(s) for s in splits_raw) and splits_raw:
+        if not is_text(raw.get("source")):
             problems.append(f"{where}: a list of splits needs `source` (e.g. source = \"digits\")")
             return {}
         splits = {s: raw["source"] for s in splits_raw}
-    elif isinstance(splits_raw, dict) and splits_raw and all(_text(v) for v in splits_raw.values()):
+    elif isinstance(splits_raw, dict) and splits_raw and all(is_text(v) for v in splits_raw.values()):
         splits = dict(splits_raw)
     else:
         problems.append(f"{where}: `splits` must be a list of names or a table name = \"SOURCE\", "
@@ -198,7 +162,7 @@ def _dataset(name: str, raw: Any, problems: _Problems) -> DatasetSpec | None:
     if role not in ("main", "ood"):
         problems.append(f"datasets.{name}: role must be \"main\" or \"ood\", not {role!r}")
     if "limit" in raw:
-        problems.check(f"datasets.{name}.limit", raw["limit"], (lambda v: _int(v, 1), "a positive integer (rows)"))
+        problems.check(f"datasets.{name}.limit", raw["limit"], (lambda v: is_int(v, 1), "a positive integer (rows)"))
     names = {r: raw.get(r, d) for r, d in (("train", "train"), ("eval", "test"), ("val", None))}
     for r, split in names.items():
         needed = role == "main" and (r != "val" or split is not None)
@@ -215,7 +179,7 @@ def _backbones(raw: Any, source: str, problems: _Problems) -> list[str]:
         return []
     from backbench.errors import WeightsError
     from backbench.extract.backbones import resolve
-    from backbench.extract.kinds import parse_kind
+    from backbench.kinds import parse_kind
 
     for i, b in enumerate(raw):
         name, _, kind = b.partition("#")  # NAME#KIND ranks a feature kind of NAME as its own row
@@ -231,39 +195,37 @@ def _backbones(raw: Any, source: str, problems: _Problems) -> list[str]:
 
 
 def _tasks(raw: Any, datasets: dict[str, DatasetSpec], problems: _Problems) -> dict[str, dict[str, Any]]:
+    """``[tasks.NAME]`` tables, each checked against its registered task's parameter schema."""
+    from backbench.tasks.base import registered
+
+    known = registered()
     if raw is None:
         return {t: {} for t in DEFAULT_TASKS}
     if not isinstance(raw, dict):
-        problems.append(f"tasks must be a table of [tasks.NAME] sections (NAME one of {', '.join(TASKS)}), "
+        problems.append(f"tasks must be a table of [tasks.NAME] sections (NAME one of {', '.join(known)}), "
                         f"not {raw!r}")
         return {}
-    unknown = sorted(set(raw) - set(TASKS))
+    unknown = [t for t in raw if t not in known]
     if unknown:
-        problems.append(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
+        problems.append(f"unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(known)}")
     out = {}
-    for task in (t for t in TASKS if t in raw):
-        params = raw[task]
+    for name in (t for t in raw if t in known):
+        params = raw[name]
         if not isinstance(params, dict):
-            problems.append(f"tasks.{task} must be a table ([tasks.{task}]), not {params!r}")
+            problems.append(f"tasks.{name} must be a table ([tasks.{name}]), not {params!r}")
             continue
-        problems.unknown(f"tasks.{task}: ", params, TASK_KEYS[task])
-        for key, check in TASK_KEYS[task].items():
-            if key in params:
-                problems.check(f"tasks.{task}.{key}", params[key], check)
-        if task in NEEDS and not any(k in params for k in NEEDS[task]):
-            problems.append(f"tasks.{task} runs nothing without {' or '.join(NEEDS[task])}")
-        out[task] = dict(params)
-    _check_refs(out, datasets, problems)
+        problems.extend(known[name].check_params(params, where=f"tasks.{name}")[1])
+        for key in known[name].ref_params:
+            _check_refs(name, key, params.get(key), datasets, problems)
+        out[name] = dict(params)
     return out
 
 
-def _check_refs(tasks: dict[str, dict[str, Any]], datasets: dict[str, DatasetSpec], problems: _Problems) -> None:
-    for task, key in (("ood", "ood"), ("shift", "shifted")):
-        refs = tasks.get(task, {}).get(key)
-        for ref in refs if isinstance(refs, list) else []:
-            ds, _, split = str(ref).partition(":")
-            if ds not in datasets or split not in datasets[ds].splits:
-                problems.append(f"tasks.{task}.{key} names {ref!r}, which is no DATASET:SPLIT of the config")
+def _check_refs(task: str, key: str, refs: Any, datasets: dict[str, DatasetSpec], problems: _Problems) -> None:
+    for ref in refs if isinstance(refs, list) else []:
+        ds, _, split = str(ref).partition(":")
+        if ds not in datasets or split not in datasets[ds].splits:
+            problems.append(f"tasks.{task}.{key} names {ref!r}, which is no DATASET:SPLIT of the config")
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:

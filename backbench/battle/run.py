@@ -17,6 +17,7 @@ from typing import Any, Callable
 from backbench.battle.config import BattleConfig, DatasetSpec
 from backbench.errors import BackbenchError
 from backbench.store.cache import Cache
+from backbench.tasks.base import FeatureSpec, RunOptions, get_task, run_task
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,16 @@ class Cell:
     dataset: str
     split: str = ""
     shard: tuple[int, int] = (0, 1)  # extraction: this cell's share of the split's chunks
+    features: str = "pooled"  # the feature kind(s) extracted, or read by the task
+
+    @property
+    def row(self) -> str:
+        """The leaderboard row: the backbone, or ``NAME#KIND`` for another feature kind."""
+        return FeatureSpec(self.features).row_label(self.backbone)
 
     @property
     def label(self) -> str:
-        return (f"{self.stage} {self.backbone} {self.dataset}" + (f"/{self.split}" if self.split else "")
+        return (f"{self.stage} {self.row} {self.dataset}" + (f"/{self.split}" if self.split else "")
                 + (f" shard {self.shard[0]}/{self.shard[1]}" if self.shard[1] > 1 else ""))
 
 
@@ -66,60 +73,30 @@ class BattleSummary:
 
 
 def _refs(config: BattleConfig, ds: DatasetSpec, stage: str) -> set[tuple[str, str]]:
-    """Every (dataset, split) that task ``stage`` on ``ds`` reads."""
+    """Every (dataset, split) that task ``stage`` on ``ds`` reads: its roles, and the
+    ``DATASET:SPLIT`` sets its parameters name (those its schema marks as references)."""
     need = {(ds.name, s) for s in (ds.train, ds.eval, ds.val) if s}
-    key = {"ood": "ood", "shift": "shifted"}.get(stage)
-    if key:
-        need |= {tuple(str(r).split(":", 1)) for r in config.tasks[stage].get(key, [])}  # type: ignore[misc]
+    for key in get_task(stage).ref_params:
+        need |= {tuple(str(r).split(":", 1)) for r in config.tasks[stage].get(key) or []}  # type: ignore[misc]
     return need
 
 
 def plan(config: BattleConfig) -> list[Cell]:
     """Extraction cells first (grouped by backbone, so each loads once), then task cells."""
     n = config.shards
-    cells = [Cell("extract", b, d.name, s, (i, n)) for b in config.backbones for d in config.datasets.values()
-             for s in d.splits for i in range(n)]
-    cells += [Cell(t, b, d.name) for b in config.backbones for d in config.main_datasets for t in config.tasks]
+    cells = [Cell("extract", b, d.name, s, (i, n), kind) for b, kind in config.entries
+             for d in config.datasets.values() for s in d.splits for i in range(n)]
+    cells += [Cell(t, b, d.name, features=kind) for b, kind in config.entries for d in config.main_datasets
+              for t in config.tasks]
     return cells
 
 
-def _task(cell: Cell, config: BattleConfig, cache: Cache, device: str) -> list[tuple[dict, bool]]:
-    from backbench.probe.data import use_features
-
-    name, _, kind = cell.backbone.partition("#")  # "NAME#cls": the tasks read that feature kind
-    with use_features(kind or None):
-        return _task_pairs(cell, config, cache, device, name)
-
-
-def _task_pairs(cell: Cell, config: BattleConfig, cache: Cache, device: str, b: str) -> list[tuple[dict, bool]]:
-    from backbench.probe import neighbour_tasks as nt
-    from backbench.probe import ood_tasks as ot
-    from backbench.probe import tasks as pt
-
-    ds, p = config.datasets[cell.dataset], config.tasks[cell.stage]
-    common = {"device": device}
-    if cell.stage == "probe":
-        return [pt.run_probe(cache, b, ds.name, ds.train, ds.eval, val=ds.val, Cs=p.get("C"), **common)]
-    if cell.stage == "fewshot":
-        return pt.run_few_shot(cache, b, ds.name, ds.train, ds.eval, shots=p.get("shots", [1, 2, 4, 8, 16]),
-                               seeds=int(p.get("seeds", 3)), val=ds.val, Cs=p.get("C"), **common)
-    if cell.stage == "knn":
-        return nt.run_knn(cache, b, ds.name, ds.train, ds.eval, ks=p.get("k", [10, 20, 100, 200]),
-                          temperature=float(p.get("temperature", 0.07)), **common)
-    if cell.stage == "retrieval":
-        return [nt.run_retrieval(cache, b, ds.name, ds.eval, ds.train, ks=p.get("ks", [1, 5, 10]), **common)]
-    if cell.stage == "ood":
-        out = []
-        if p.get("ood"):
-            out.append(ot.run_ood(cache, b, ds.name, ds.train, ds.eval, ood=p["ood"], scores=p.get("scores"), **common))
-        if p.get("open_set"):
-            out.append(ot.run_open_set(cache, b, ds.name, ds.train, ds.eval, holdout=p["open_set"],
-                                       scores=p.get("scores"), **common))
-        return out
-    if cell.stage == "shift":
-        return [ot.run_shift(cache, b, (ds.name, ds.train), (ds.name, ds.eval),
-                             [tuple(str(r).split(":", 1)) for r in p.get("shifted", [])], **common)]
-    raise BackbenchError(f"unknown task {cell.stage!r}")
+def _task(cell: Cell, config: BattleConfig, cache: Cache, options: RunOptions) -> list[tuple[dict, bool]]:
+    """One task cell through the registry: the dataset's roles, the config's parameters."""
+    ds, task = config.datasets[cell.dataset], get_task(cell.stage)
+    request = task.request(cell.backbone, ds.name, {"train": ds.train, "eval": ds.eval, "val": ds.val},
+                           params=config.tasks[cell.stage], features=cell.features)
+    return run_task(cache, request, options)
 
 
 class _Extractor:
@@ -132,84 +109,81 @@ class _Extractor:
         from backbench.extract.backbones import load_backbone
         from backbench.extract.run import extract
 
-        name, _, kind = cell.backbone.partition("#")  # "NAME#cls": extract that feature kind
-        if name not in self.loaded:
-            self.loaded = {name: load_backbone(name)}  # keep one model in memory
+        if cell.backbone not in self.loaded:
+            self.loaded = {cell.backbone: load_backbone(cell.backbone)}  # keep one model in memory
         ds = self.config.datasets[cell.dataset]
         # a daemonic process (a dask worker) cannot start DataLoader workers: decode in-process
         workers = 0 if multiprocessing.current_process().daemon else self.config.workers
-        res = extract(self.loaded[name], ds.splits[cell.split], cache=self.cache, dataset=ds.name,
-                      features=[kind or "pooled"],
-                      split=cell.split, limit=ds.limit, batch_size=self.config.batch_size, device=self.config.device,
-                      workers=workers, progress=progress, shard=cell.shard)
+        res = extract(self.loaded[cell.backbone], ds.splits[cell.split], cache=self.cache, dataset=ds.name,
+                      features=[cell.features], split=cell.split, limit=ds.limit, batch_size=self.config.batch_size,
+                      device=self.config.device, workers=workers, progress=progress, shard=cell.shard)
         return "reused" if res.status == "up-to-date" else "done"
+
+
+def _run_one(cell: Cell, config: BattleConfig, cache: Cache, options: RunOptions, extractor: _Extractor,
+             missing: str, progress: Callable[[int, int], None] | None = None) -> CellResult:
+    """One cell, here or on a dask worker: skipped when an extraction it needs failed
+    (``missing`` names those); a failure is recorded, never raised (KeyboardInterrupt is)."""
+    started = time.perf_counter()
+    result = CellResult(cell, "done")
+    try:
+        if missing:
+            result.status, result.message = "skipped", f"needs {missing}, whose extraction failed"
+        elif cell.stage == "extract":
+            result.status = extractor(cell, progress)
+        else:
+            pairs = _task(cell, config, cache, options)
+            result.records = len(pairs)
+            result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
+    except Exception as exc:  # a bug in one cell must not sink the battle
+        result.fail(exc)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _options(config: BattleConfig, memory_limit: int | str | None) -> RunOptions:
+    from backbench.device import resolve_device
+
+    return RunOptions(device=resolve_device(config.device), memory_limit=memory_limit)
 
 
 def run_battle(config: BattleConfig, cache: Cache, *, on_start: Callable[[Cell, int], None] | None = None,
                on_done: Callable[[CellResult], None] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> BattleSummary:
+               progress: Callable[[int, int], None] | None = None,
+               memory_limit: int | str | None = None) -> BattleSummary:
     """Run every cell in order; failures are recorded, never raised (KeyboardInterrupt is)."""
-    from backbench.extract.run import resolve_device
-
     summary, extractor, failed = BattleSummary(), _Extractor(config, cache), set()
-    device = resolve_device(config.device)
+    options = _options(config, memory_limit)
     for i, cell in enumerate(plan(config)):
         if on_start:
             on_start(cell, i)
-        started = time.perf_counter()
-        result = CellResult(cell, "done")
-        missing = _missing_inputs(cell, config, failed)
-        try:
-            if missing:
-                result.status, result.message = "skipped", f"needs {missing}, whose extraction failed"
-            elif cell.stage == "extract":
-                result.status = extractor(cell, progress)
-            else:
-                pairs = _task(cell, config, cache, device)
-                result.records = len(pairs)
-                result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
-        except Exception as exc:  # a bug in one cell must not sink the battle
-            result.fail(exc)
+        result = _run_one(cell, config, cache, options, extractor, _missing_inputs(cell, config, failed), progress)
         if cell.stage == "extract" and result.status == "failed":
-            failed.add((cell.backbone, cell.dataset, cell.split))
-        result.seconds = time.perf_counter() - started
+            failed.add((cell.backbone, cell.features, cell.dataset, cell.split))
         summary.results.append(result)
         if on_done:
             on_done(result)
     return summary
 
 
-def _missing_inputs(cell: Cell, config: BattleConfig, failed: set[tuple[str, str, str]]) -> str:
+def _missing_inputs(cell: Cell, config: BattleConfig, failed: set[tuple[str, str, str, str]]) -> str:
     if cell.stage == "extract":
         return ""
     need = _refs(config, config.datasets[cell.dataset], cell.stage)
-    bad = sorted(f"{d}/{s}" for d, s in need if (cell.backbone, d, s) in failed)
-    return ", ".join(bad)
+    return ", ".join(sorted(f"{d}/{s}" for d, s in need if (cell.backbone, cell.features, d, s) in failed))
 
 
-def _run_cell(cell: Cell, config: BattleConfig, cache_path: str, device: str, *inputs: CellResult) -> CellResult:
+def _run_cell(cell: Cell, config: BattleConfig, cache_path: str, options: RunOptions, *inputs: CellResult) -> CellResult:
     """One cell on a dask worker: it opens the cache itself; ``inputs`` are the extraction
     cells it needs (dask runs it after them); a failed one makes this cell skipped."""
-    started = time.perf_counter()
-    result = CellResult(cell, "done")
-    bad = sorted(f"{r.cell.dataset}/{r.cell.split}" for r in inputs if r.status in ("failed", "skipped"))
-    try:
-        if bad:
-            result.status, result.message = "skipped", f"needs {', '.join(bad)}, whose extraction failed"
-        elif cell.stage == "extract":
-            result.status = _Extractor(config, Cache(cache_path))(cell, None)
-        else:
-            pairs = _task(cell, config, Cache(cache_path, mode="r+"), device)
-            result.records = len(pairs)
-            result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
-    except Exception as exc:
-        result.fail(exc)
-    result.seconds = time.perf_counter() - started
-    return result
+    bad = ", ".join(sorted(f"{r.cell.dataset}/{r.cell.split}" for r in inputs if r.status in ("failed", "skipped")))
+    cache = Cache(cache_path) if cell.stage == "extract" else Cache(cache_path, mode="r+")
+    return _run_one(cell, config, cache, options, _Extractor(config, cache), bad)
 
 
 def run_battle_dask(config: BattleConfig, cache: Cache, client, *,
-                    on_done: Callable[[CellResult], None] | None = None, retries: int = 2) -> BattleSummary:
+                    on_done: Callable[[CellResult], None] | None = None, retries: int = 2,
+                    memory_limit: int | str | None = None) -> BattleSummary:
     """Every cell as a dask task on ``client`` (a ``dask.distributed.Client``).
 
     Extraction cells run first, in parallel; each task cell depends on the extraction cells of
@@ -220,24 +194,22 @@ def run_battle_dask(config: BattleConfig, cache: Cache, client, *,
     """
     from dask.distributed import as_completed
 
-    from backbench.extract.run import resolve_device
-
-    device = resolve_device(config.device)
+    options = _options(config, memory_limit)
     cells = plan(config)
     futures, extraction, run_id = {}, {}, uuid.uuid4().hex[:8]
     for cell in cells:
         if cell.stage != "extract":
             continue
-        f = client.submit(_run_cell, cell, config, cache.path, device, key=f"backbench-{run_id}-{cell.label}",
+        f = client.submit(_run_cell, cell, config, cache.path, options, key=f"backbench-{run_id}-{cell.label}",
                           pure=False, retries=retries)
         futures[f] = cell
-        extraction.setdefault((cell.backbone, cell.dataset, cell.split), []).append(f)
+        extraction.setdefault((cell.backbone, cell.features, cell.dataset, cell.split), []).append(f)
     for cell in cells:
         if cell.stage == "extract":
             continue
         deps = [f for d, s in sorted(_refs(config, config.datasets[cell.dataset], cell.stage))
-                for f in extraction.get((cell.backbone, d, s), [])]
-        f = client.submit(_run_cell, cell, config, cache.path, device, *deps, key=f"backbench-{run_id}-{cell.label}",
+                for f in extraction.get((cell.backbone, cell.features, d, s), [])]
+        f = client.submit(_run_cell, cell, config, cache.path, options, *deps, key=f"backbench-{run_id}-{cell.label}",
                           pure=False, retries=retries)
         futures[f] = cell
     done: dict[Cell, CellResult] = {}

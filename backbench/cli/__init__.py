@@ -7,7 +7,6 @@ options and the output helpers (tables, ``--json``, one-line errors).
 from __future__ import annotations
 
 import json
-import contextvars
 import re
 import sys
 from contextlib import contextmanager
@@ -68,30 +67,10 @@ CacheOpt = typer.Option(None, "--cache", envvar="BACKBENCH_CACHE",
 JsonOpt = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
 
 
-def _set_memory_limit(value: Optional[str]) -> Optional[str]:
-    if value is not None:
-        from backbench.probe.stream import _LIMIT, parse_size
-
-        _LIMIT.set(parse_size(value))
-    return value
-
-
-MemoryOpt = typer.Option(None, "--memory-limit", envvar="BACKBENCH_MEMORY_LIMIT", callback=_set_memory_limit,
+MemoryOpt = typer.Option(None, "--memory-limit", envvar="BACKBENCH_MEMORY_LIMIT",
                          help="Stream features from the cache above this much float32 data "
                               "(8GB, 500MB; 0 = always). Default: half the free memory.")
-
-
-def _set_features(value: Optional[str]) -> Optional[str]:
-    if value is not None:
-        from backbench.extract.kinds import probe_kinds
-        from backbench.probe.data import _FEATURES
-
-        probe_kinds(value)
-        _FEATURES.set(value)
-    return value
-
-
-FeaturesOpt = typer.Option(None, "--features", callback=_set_features,
+FeaturesOpt = typer.Option(None, "--features",
                            help="Feature kind to probe: pooled (default), cls, mean-patch, cls+mean-patch, "
                                 "layer-4:cls; K1,K2 concatenated; last4:cls = the last 4 blocks' cls.")
 
@@ -136,7 +115,9 @@ def _cell(v: Any) -> Text:
 
 
 def _register_commands() -> None:
-    from backbench.cli import battle_cmds, cache_cmds, ood_cmds, probe_cmds  # noqa: F401
+    from backbench.cli import battle_cmds, cache_cmds, ood_cmds, probe_cmds, task_cmds  # noqa: F401
+
+    task_cmds.add_task_commands()
 
 
 _NUMBER = re.compile(r"^-\d+(\.\d*)?$")  # --layers -1 -4: negative numbers are values, not options
@@ -174,7 +155,7 @@ def _notes() -> Iterator[None]:
     import warnings
 
     from backbench.errors import BackbenchWarning
-    from backbench.report.results import ResultsNotRecorded
+    from backbench.store.results import ResultsNotRecorded
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", ResultsNotRecorded)
@@ -209,8 +190,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     _register_commands()
     try:
         args = expand_multi(args)
-        with _notes():  # a fresh context per call: options such as --memory-limit never leak into the next one
-            code = contextvars.copy_context().run(app, args=args, standalone_mode=False, prog_name="backbench")
+        with _notes():
+            code = app(args=args, standalone_mode=False, prog_name="backbench")
         if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
             sys.exit(code)
     except typer.Exit as exc:

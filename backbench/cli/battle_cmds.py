@@ -57,8 +57,8 @@ def battle(
     store = Cache(path)
     cells = plan(cfg)
     if workers or scheduler:
-        return _finish(_battle_on_dask(cfg, store, len(cells), workers, scheduler), store, json_)
-    _finish(_battle_here(cfg, store, len(cells)), store, json_)
+        return _finish(_battle_on_dask(cfg, store, len(cells), workers, scheduler, memory_limit), store, json_)
+    _finish(_battle_here(cfg, store, len(cells), memory_limit), store, json_)
 
 
 class _CellLines:
@@ -73,12 +73,12 @@ class _CellLines:
                   + (f": {r.message}" if r.message and r.status in ("failed", "skipped") else ""), soft_wrap=True)
 
 
-def _battle_here(cfg, store, n_cells: int):
+def _battle_here(cfg, store, n_cells: int, memory_limit: Optional[str]):
     """The battle's cells in this process: a live bar on a terminal, else :class:`_CellLines`."""
     from backbench.battle.run import run_battle
 
     if not err.is_terminal:
-        return run_battle(cfg, store, on_done=_CellLines(n_cells))
+        return run_battle(cfg, store, on_done=_CellLines(n_cells), memory_limit=memory_limit)
     with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}", markup=False),
                   console=err) as bar:
@@ -87,16 +87,18 @@ def _battle_here(cfg, store, n_cells: int):
 
         def start(cell, i):
             bar.update(overall, description=clean(cell.stage),
-                       detail=clean(f"{cell.backbone} {cell.dataset} {cell.split}"))
+                       detail=clean(f"{cell.row} {cell.dataset} {cell.split}"))
             bar.update(inner, visible=False, completed=0)
 
         def images(done, total):
             bar.update(inner, visible=True, completed=done, total=total)
 
-        return run_battle(cfg, store, on_start=start, on_done=lambda r: bar.advance(overall), progress=images)
+        return run_battle(cfg, store, on_start=start, on_done=lambda r: bar.advance(overall), progress=images,
+                          memory_limit=memory_limit)
 
 
-def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler: Optional[str]):
+def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler: Optional[str],
+                    memory_limit: Optional[str]):
     """The battle's cells as tasks on a dask cluster: local (``workers``) or at ``scheduler``."""
     import dask
     from dask.distributed import Client, LocalCluster
@@ -111,7 +113,7 @@ def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler:
         def done(r) -> None:
             if lines is not None:
                 return lines(r)
-            bar.update(task, advance=1, detail=clean(f"{r.cell.stage} {r.cell.backbone} {r.cell.dataset}: {r.status}"))
+            bar.update(task, advance=1, detail=clean(f"{r.cell.stage} {r.cell.row} {r.cell.dataset}: {r.status}"))
 
         if scheduler:
             try:
@@ -120,18 +122,18 @@ def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler:
                 raise BackbenchError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); "
                                      f"start one with `dask scheduler` or use --workers N") from None
             with client:
-                return run_battle_dask(cfg, store, client, on_done=done)
+                return run_battle_dask(cfg, store, client, on_done=done, memory_limit=memory_limit)
         # non-daemonic workers may start DataLoader processes; one thread each: torch uses the cores
         with dask.config.set({"distributed.worker.daemon": False}), \
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              dashboard_address=None) as cluster, Client(cluster) as client:
-            return run_battle_dask(cfg, store, client, on_done=done)
+            return run_battle_dask(cfg, store, client, on_done=done, memory_limit=memory_limit)
 
 
 def _finish(summary, store, json_: bool) -> None:
     from backbench.report.leaderboard import build, cost_table
     from backbench.report.render import figures, to_html
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
 
     records = ResultsLog(store).records()
     lb = build(records)
@@ -202,7 +204,7 @@ def report(
 
 
 def _gather(caches: Optional[List[str]], files: Optional[List[Path]]) -> list[dict]:
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
     from backbench.store import Cache
 
     recs: list[dict] = []

@@ -253,7 +253,7 @@ def info(
 
     Example:  backbench info timm:resnet18@random digits train [--features cls]
     """
-    from backbench.extract.kinds import parse_kind
+    from backbench.kinds import parse_kind
     from backbench.store import Cache
 
     parse_kind(features)

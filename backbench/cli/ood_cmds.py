@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, out, table
-from backbench.cli.probe_cmds import BackboneOpt, CompleteOpt, DeviceOpt, ForceOpt, probe_device
+from backbench.cli.probe_cmds import BackboneOpt, CompleteOpt, DeviceOpt, ForceOpt
 from backbench.errors import OptionError
 
 
@@ -32,18 +32,13 @@ def ood(
 
     Example:  backbench ood -b timm:resnet18@random --id-dataset digits --id-train train --id-test test --ood textures:test
     """
-    from backbench.probe.ood_tasks import run_ood, run_open_set
-    from backbench.store import Cache
+    from backbench.cli.task_cmds import run_request
 
     if not ood_sets and not open_set:
         raise OptionError("give --ood DATASET:SPLIT (one or more) or --open-set CLASS (one or more)")
-    store, dev = Cache(cache, mode="r+"), probe_device(device)
-    common = dict(scores=scores, device=dev, force=force, complete_only=complete_only)
-    pairs = []
-    if ood_sets:
-        pairs.append(run_ood(store, backbone, id_dataset, id_train, id_test, ood=ood_sets, **common))
-    if open_set:
-        pairs.append(run_open_set(store, backbone, id_dataset, id_train, id_test, holdout=open_set, **common))
+    pairs = run_request("ood", cache, backbone, id_dataset, {"train": id_train, "eval": id_test},
+                        {"ood": ood_sets, "open_set": open_set, "scores": scores}, features=features, device=device,
+                        memory_limit=memory_limit, force=force, complete_only=complete_only)
     if json_:
         return emit_json([{**r, "reused": reused} for r, reused in pairs])
     for rec, reused in pairs:
@@ -77,11 +72,12 @@ def shift(
 
     Example:  backbench shift -b timm:resnet18@random --train digits:train --eval digits:test --shifted digits:shifted
     """
-    from backbench.probe.ood_tasks import run_shift
-    from backbench.store import Cache
+    from backbench.cli.task_cmds import run_request
 
-    rec, reused = run_shift(Cache(cache, mode="r+"), backbone, _ref(train), _ref(eval_), [_ref(s) for s in shifted],
-                            device=probe_device(device), force=force, complete_only=complete_only)
+    (dataset, split), ev = _ref(train), _ref(eval_)
+    ((rec, reused),) = run_request("shift", cache, backbone, dataset, {"train": split, "eval": f"{ev[0]}:{ev[1]}"},
+                                   {"shifted": [":".join(_ref(s)) for s in shifted]}, features=features,
+                                   device=device, memory_limit=memory_limit, force=force, complete_only=complete_only)
     if json_:
         return emit_json({**rec, "reused": reused})
     m = rec["metrics"]

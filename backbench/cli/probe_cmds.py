@@ -35,7 +35,7 @@ def parse_grid(text: Optional[List[str]]) -> Optional[list[float]]:
 
 
 def probe_device(device: str) -> str:
-    from backbench.extract.run import resolve_device
+    from backbench.device import resolve_device
 
     return resolve_device(device)
 
@@ -69,16 +69,14 @@ def probe(
 
     Example:  backbench probe -b timm:resnet18@random -d digits --train train --eval test --shots 1 5 10
     """
-    from backbench.probe.tasks import run_few_shot, run_probe, summarize_few_shot
-    from backbench.store import Cache
+    from backbench.cli.task_cmds import run_request
+    from backbench.probe.tasks import summarize_few_shot
 
     grid = parse_grid(C)  # a typing mistake is told before the cache is opened
-    store, dev = Cache(cache, mode="r+"), probe_device(device)
-    common = dict(val=val, Cs=grid, device=dev, force=force, complete_only=complete_only)
-    if shots:
-        pairs = run_few_shot(store, backbone, dataset, train, eval_, shots=shots, seeds=seeds, **common)
-    else:
-        pairs = [run_probe(store, backbone, dataset, train, eval_, **common)]
+    params = {"C": grid, **({"shots": shots, "seeds": seeds} if shots else {})}
+    pairs = run_request("fewshot" if shots else "probe", cache, backbone, dataset,
+                        {"train": train, "eval": eval_, "val": val}, params, features=features, device=device,
+                        memory_limit=memory_limit, force=force, complete_only=complete_only)
     if json_:
         return emit_json([{**r, "reused": reused} for r, reused in pairs])
     if pairs and pairs[0][0]["task"] == "probe-multilabel":
@@ -108,7 +106,7 @@ def results(
 
     Example:  backbench results --task probe --json
     """
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
     from backbench.store import Cache
 
     rows = [r for r in ResultsLog(Cache(cache, mode="r")).records()
@@ -162,12 +160,12 @@ def knn(
 
     Example:  backbench knn -b timm:resnet18@random -d digits --train train --eval test -k 10 20
     """
-    from backbench.probe.neighbour_tasks import run_knn
-    from backbench.store import Cache
+    from backbench.cli.task_cmds import run_request
 
-    pairs = run_knn(Cache(cache, mode="r+"), backbone, dataset, train, eval_, ks=k or (10, 20, 100, 200),
-                    temperature=temperature, shots=shots, seeds=seeds, device=probe_device(device), force=force,
-                    complete_only=complete_only)
+    params = {"k": k, "temperature": temperature, **({"shots": shots, "seeds": seeds} if shots else {})}
+    pairs = run_request("knn-fewshot" if shots else "knn", cache, backbone, dataset, {"train": train, "eval": eval_},
+                        params, features=features, device=device, memory_limit=memory_limit, force=force,
+                        complete_only=complete_only)
     if json_:
         return emit_json([{**r, "reused": reused} for r, reused in pairs])
     # the ks actually used: a k beyond the gallery is reported as the gallery's size
@@ -210,13 +208,13 @@ def retrieve(
 
     Example:  backbench retrieve -b timm:resnet18@random -d digits --query test --gallery train --ks 1 5 10
     """
-    from backbench.probe.neighbour_tasks import run_retrieval
-    from backbench.store import Cache
+    from backbench.cli.task_cmds import run_request
 
     if index not in ("flat", "ivf", "hnsw"):
         raise OptionError(f"--index {index!r}: use flat, ivf or hnsw")
-    record, reused = run_retrieval(Cache(cache, mode="r+"), backbone, dataset, query, gallery, ks=ks or (1, 5, 10), index=index,
-                                   device=probe_device(device), force=force, complete_only=complete_only)
+    ((record, reused),) = run_request("retrieval", cache, backbone, dataset, {"train": gallery, "eval": query},
+                                      {"ks": ks, "index": index}, features=features, device=device,
+                                      memory_limit=memory_limit, force=force, complete_only=complete_only)
     if json_:
         return emit_json({**record, "reused": reused})
     m = record["metrics"]

@@ -23,7 +23,8 @@ from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.datasets import ImageSource, limit_source, open_source
 from backbench.extract.decode import (ON_DEVICE, DeviceDecoder, LoaderPace, jpeg_payload, provenance, resolve_decode,
                                      started_decode)
-from backbench.extract.kinds import check_view, expand, stored_kind
+from backbench.kinds import check_view, expand, stored_kind
+from backbench.device import default_batch_size, resolve_device
 from backbench.provenance import library_versions
 from backbench.store.cache import Cache, default_cache_path
 from backbench.store.location import Location
@@ -52,23 +53,6 @@ class ExtractResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from backbench.errors import BackbenchError
-
-        raise BackbenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return device
-
-
-def default_batch_size(device: str) -> int:
-    """256 images per batch on a GPU (fills an H100 with a ViT-B/16 in bf16), 64 on a CPU."""
-    return 256 if device.startswith("cuda") else 64
 
 
 def default_workers(decode: str) -> int:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -38,43 +36,21 @@ class Split:
         return f"{self.group.attrs['dataset']}/{self.name}"
 
 
-_FEATURES: contextvars.ContextVar[str] = contextvars.ContextVar("backbench_features", default="pooled")
-
-
-def current_features() -> str:
-    """The feature kind(s) probes read: ``pooled`` unless :func:`use_features` (``--features``) says."""
-    return _FEATURES.get()
-
-
-@contextlib.contextmanager
-def use_features(spec: str | None) -> Iterator[None]:
-    """Within the block, probes read feature kind ``spec`` (``cls``, ``layer-4:cls``, ``last4:cls``,
-    or ``K1,K2`` concatenated); see :mod:`backbench.extract.kinds`."""
-    from backbench.extract.kinds import probe_kinds
-
-    probe_kinds(spec)  # validates
-    token = _FEATURES.set(spec or "pooled")
-    try:
-        yield
-    finally:
-        _FEATURES.reset(token)
-
-
 def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complete_only: bool = False,
-               logits: bool = False, memory_limit: int | None = None, kind: str | None = None) -> Split:
+               logits: bool = False, memory_limit: int | str | None = None, kind: str | None = None) -> Split:
     """Read a group as float32; skipped samples (label -1) are dropped; NaN/inf is refused.
 
-    ``kind``: the feature kind(s) (default :func:`current_features`); several, comma-separated,
-    are concatenated column-wise (in memory), as DINOv2 concatenates its last blocks.
+    ``kind``: the feature kind(s) (default ``pooled``); several, comma-separated, are
+    concatenated column-wise (in memory), as DINOv2 concatenates its last blocks.
 
-    When the float32 features would take more than ``memory_limit`` bytes, ``X`` is a lazy
+    When the float32 features would take more than ``memory_limit`` bytes (default:
+    :func:`~backbench.probe.stream.resolve_memory_limit`), ``X`` is a lazy
     :class:`~backbench.probe.stream.GroupRows` read chunk by chunk (NaN/inf refused as read).
     """
-    from backbench.extract.kinds import probe_kinds
-    from backbench.probe.stream import GroupRows
-    from backbench.probe.stream import memory_limit as current_limit
+    from backbench.kinds import probe_kinds
+    from backbench.probe.stream import GroupRows, resolve_memory_limit
 
-    kinds = probe_kinds(kind or current_features())
+    kinds = probe_kinds(kind or "pooled")
     if len(kinds) > 1:
         parts = [load_split(cache, backbone, dataset, split, complete_only=complete_only, logits=logits,
                             memory_limit=1 << 62, kind=k) for k in kinds]
@@ -85,10 +61,8 @@ def load_split(cache: Cache, backbone: str, dataset: str, split: str, *, complet
         return Split(np.hstack([p.X for p in parts]), parts[0].y, parts[0].classes, parts[0].group, split, parts[0].logits,
                      tuple(p.key for p in parts))
     group = cache.group(backbone, dataset, split, kinds[0])
-    if memory_limit is None:
-        memory_limit = current_limit()
     rows = group.rows(complete_only)
-    if len(rows) * group.dim * 4 > memory_limit:
+    if len(rows) * group.dim * 4 > resolve_memory_limit(memory_limit):
         y = group.labels(complete_only=complete_only)
         keep = y >= 0
         L = group.logits(complete_only=complete_only, dtype=np.float32) if logits and group.has_logits else None

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backbench.errors import ProbeInputError
+from backbench.tasks.base import CS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, register, run_task
 
 
 def label_matrix(masks: np.ndarray, n_labels: int) -> np.ndarray:
@@ -69,28 +70,24 @@ def fit_multilabel(X, Y: np.ndarray, Cs: Sequence[float], *, X_val=None, Y_val=N
                     else "holdout-10%"}
 
 
-def run_multilabel_probe(cache, backbone: str, dataset: str, train: str, eval: str, *, val: str | None = None,
-                         Cs: Sequence[float] | None = None, device: str = "cpu", force: bool = False,
-                         complete_only: bool = False):
-    """The probe for multi-label groups; returns (record, reused) like :func:`run_probe`."""
+def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
+    """The probe for multi-label groups: one-vs-rest, C chosen by mean AUROC, scored per label."""
     from sklearn.metrics import average_precision_score
 
     from backbench.probe.linear import default_Cs
-    from backbench.probe.tasks import base_request, load_pair
-    from backbench.report.results import ResultsLog
+    from backbench.probe.tasks import read_splits
+    from backbench.store.results import ResultsLog
 
-    Cs = [float(c) for c in (Cs if Cs is not None else default_Cs())]
-    tr, others = load_pair(cache, backbone, dataset, train, [eval] + ([val] if val else []),
-                           complete_only=complete_only, multilabel=True)
-    ev, vl = others[0], (others[1] if val else None)
+    Cs = [float(c) for c in (request.params.get("C") or default_Cs())]
+    tr, ev, vl = read_splits(cache, request, options, multilabel=True)
     names, K = tr.classes, len(tr.classes)
-    request = base_request("probe-multilabel", backbone, dataset, {"train": train, "eval": eval, "val": val},
-                           [tr, *others], {"Cs": Cs, "selection": "val" if val else "holdout-10%"}, 0)
+    record = request.record({s.name: s.key for s in (tr, ev, vl) if s is not None}, task="probe-multilabel",
+                            params={"Cs": Cs, "selection": "val" if vl is not None else "holdout-10%"})
 
     def compute() -> dict[str, Any]:
         X, Y = np.asarray(tr.X[:]), label_matrix(tr.y, K)
         Xv, Yv = (np.asarray(vl.X[:]), label_matrix(vl.y, K)) if vl is not None else (None, None)
-        models, sweep = fit_multilabel(X, Y, Cs, X_val=Xv, Y_val=Yv, device=device)
+        models, sweep = fit_multilabel(X, Y, Cs, X_val=Xv, Y_val=Yv, device=options.device)
         Ye = label_matrix(ev.y, K)
         scores = _scores(models, np.asarray(ev.X[:]))
         mean, per = mean_auroc(Ye, scores)
@@ -101,4 +98,18 @@ def run_multilabel_probe(cache, backbone: str, dataset: str, train: str, eval: s
                             "labels_scored": [names[k] for k in per], "n_labels": K,
                             "positives_eval": {names[k]: int(Ye[:, k].sum()) for k in range(K)}}}
 
-    return ResultsLog(cache).run(request, compute, force=force)
+    return [ResultsLog(cache).run(record, compute, force=options.force)]
+
+
+MULTILABEL = register(Task("probe-multilabel", _multilabel_probe, {"C": Param(None, *CS)}, optional_roles=("val",),
+                           metric="mean_auroc", cli="probe", help="One-vs-rest linear probe of a multi-label dataset (mean AUROC)."))
+
+
+def run_multilabel_probe(cache, backbone: str, dataset: str, train: str, eval: str, *, val: str | None = None,
+                         Cs: Sequence[float] | None = None, features: FeatureSpec | str | None = None,
+                         memory_limit: int | str | None = None, device: str = "cpu", force: bool = False,
+                         complete_only: bool = False):
+    """:data:`MULTILABEL` with every input a parameter; returns (record, reused)."""
+    request = MULTILABEL.request(backbone, dataset, {"train": train, "eval": eval, "val": val}, params={"C": Cs},
+                                 features=features)
+    return run_task(cache, request, RunOptions(device, memory_limit, force, complete_only))[0]

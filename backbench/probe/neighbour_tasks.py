@@ -8,21 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-
 from backbench.probe.data import Split, check_same_backbone, load_split
-from backbench.probe.tasks import Record, base_request, load_pair
-from backbench.report.results import ResultsLog
+from backbench.probe.tasks import read_splits
 from backbench.store.cache import Cache
-from backbench.store.group import FeatureGroup
+from backbench.store.results import ResultsLog
+from backbench.tasks.base import (INTS, NUMBER, POS_INT, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest,
+                                  one_of, register, run_task)
 
 MAIN_K = 20
-
-
-def fits_in_memory(group: FeatureGroup) -> bool:
-    """Whether a float32 copy of the group's features fits the memory limit in force."""
-    from backbench.probe.stream import memory_limit
-
-    return group.n * group.dim * 4 <= memory_limit()
 
 
 def _knn_metrics(train_X, train_y, ev: Split, ks: Sequence[int], temperature: float, n_classes: int,
@@ -37,9 +30,7 @@ def _knn_metrics(train_X, train_y, ev: Split, ks: Sequence[int], temperature: fl
     return {"metrics": metrics, "ks_used": used, "k_clipped": {str(k): n for k in ks if k > n}}
 
 
-def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *, ks: Sequence[int] = (10, 20, 100, 200),
-            temperature: float = 0.07, shots: Sequence[int] | None = None, seeds: int = 3, device: str = "cpu",
-            force: bool = False, complete_only: bool = False) -> list[tuple[Record, bool]]:
+def _knn(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
     """DINO-style weighted kNN; with ``shots``, K train images per class per seed (train only).
 
     A k larger than the gallery (the train rows that vote) uses the whole gallery and is
@@ -48,53 +39,84 @@ def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *,
     """
     from backbench.probe.fewshot import few_shot_indices
 
-    ks = sorted({int(k) for k in ks})
-    tr, (ev,) = load_pair(cache, backbone, dataset, train, [eval], complete_only=complete_only)
-    log, n_classes, out = ResultsLog(cache), len(tr.classes), []
-    params = {"ks": ks, "temperature": float(temperature)}
-    if not shots:
-        request = base_request("knn", backbone, dataset, {"train": train, "eval": eval}, [tr, ev], params, 0)
-        out.append(log.run(request, lambda: _knn_metrics(tr.X, tr.y, ev, ks, temperature, n_classes, device),
-                           force=force))
-        return out
-    for k in shots:
-        for seed in range(seeds):
-            request = base_request("knn-fewshot", backbone, dataset, {"train": train, "eval": eval}, [tr, ev],
-                                   {**params, "shots": int(k)}, seed)
+    ks, temperature = sorted({int(k) for k in request.params["k"]}), float(request.params["temperature"])
+    tr, ev = read_splits(cache, request, options, ("train", "eval"))
+    log, n_classes = ResultsLog(cache), len(tr.classes)
+    params, groups = {"ks": ks, "temperature": temperature}, {tr.name: tr.key, ev.name: ev.key}
+    if request.task == "knn":
+        record = request.record(groups, params=params)
+        return [log.run(record, lambda: _knn_metrics(tr.X, tr.y, ev, ks, temperature, n_classes, options.device),
+                        force=options.force)]
+    out = []
+    for k in request.params["shots"]:
+        for seed in range(request.params["seeds"]):
+            record = request.record(groups, params={**params, "shots": int(k)}, seed=seed)
 
             def compute(k: int = int(k), seed: int = seed) -> Record:
                 idx = few_shot_indices(tr.y, k, seed, class_names=tr.classes)
                 return {"train_rows": idx.tolist(),
-                        **_knn_metrics(tr.X[idx], tr.y[idx], ev, ks, temperature, n_classes, device)}
+                        **_knn_metrics(tr.X[idx], tr.y[idx], ev, ks, temperature, n_classes, options.device)}
 
-            out.append(log.run(request, compute, force=force))
+            out.append(log.run(record, compute, force=options.force))
     return out
 
 
-def run_retrieval(cache: Cache, backbone: str, dataset: str, query: str, gallery: str, *,
-                  ks: Sequence[int] = (1, 5, 10), index: str = "flat", device: str = "cpu", force: bool = False,
-                  complete_only: bool = False) -> tuple[Record, bool]:
-    """Same-label retrieval; a query never retrieves itself when query and gallery are one split."""
+def _retrieval(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
+    """Same-label retrieval: queries from ``eval``, the gallery from ``train``; a query never
+    retrieves itself when both are one split."""
     from backbench.probe.retrieval import build_index, retrieval_metrics
+    from backbench.probe.stream import resolve_memory_limit
 
-    ks = sorted({int(k) for k in ks})
-    q = load_split(cache, backbone, dataset, query, complete_only=complete_only)
+    ks, index = sorted({int(k) for k in request.params["ks"]}), request.params["index"]
+    query, gallery = request.splits["eval"], request.splits["train"]
+    spec, limit = request.features, resolve_memory_limit(options.memory_limit)
+    q = load_split(cache, request.backbone, request.dataset, query, complete_only=options.complete_only,
+                   memory_limit=limit, kind=spec.spec)
     same = query == gallery
-    from backbench.extract.kinds import probe_kinds
-    from backbench.probe.data import current_features
-
-    kinds = probe_kinds(current_features())
-    stream = not same and len(kinds) == 1 and not fits_in_memory(cache.group(backbone, dataset, gallery, kinds[0]))
-    g = q if same else load_split(cache, backbone, dataset, gallery, complete_only=complete_only,
-                                  memory_limit=0 if stream else None)
+    size = cache.group(request.backbone, request.dataset, gallery, spec.kinds[0])
+    stream = not same and len(spec.kinds) == 1 and size.n * size.dim * 4 > limit
+    g = q if same else load_split(cache, request.backbone, request.dataset, gallery, kind=spec.spec,
+                                  complete_only=options.complete_only, memory_limit=0 if stream else limit)
     check_same_backbone(q, g)
-    request = base_request("retrieval", backbone, dataset, {"query": query, "gallery": gallery}, [q, g],
-                           {"ks": ks, "index": index}, 0)
+    record = request.record({q.name: q.key, g.name: g.key}, splits={"query": query, "gallery": gallery},
+                            params={"ks": ks, "index": index})
 
     def compute() -> Record:
         # a gallery bigger than memory is read chunk by chunk into the faiss index (skipped rows dropped)
-        gallery_X: Any = build_index(g.X, index=index, device=device) if stream else g.X
+        gallery_X: Any = build_index(g.X, index=index, device=options.device) if stream else g.X
         return {"metrics": retrieval_metrics(q.X, q.y, gallery_X, g.y, ks=ks, exclude_self=same, index=index,
-                                             device=device)}
+                                             device=options.device)}
 
-    return ResultsLog(cache).run(request, compute, force=force)
+    return [ResultsLog(cache).run(record, compute, force=options.force)]
+
+
+_K = {"k": Param([10, 20, 100, 200], *INTS), "temperature": Param(0.07, *NUMBER)}
+KNN = register(Task("knn", _knn, _K, metric="top1", cli="knn",
+                    help="Weighted kNN classification (DINO's vote, cosine similarity, faiss) on cached features."))
+KNN_FEWSHOT = register(Task("knn-fewshot", _knn, {**_K, "shots": Param([1, 2, 4, 8, 16], *INTS),
+                                                  "seeds": Param(3, *POS_INT)}, metric="top1", cli="knn",
+                            help="kNN with K train images per class, per seed."))
+RETRIEVAL = register(Task("retrieval", _retrieval, {"ks": Param([1, 5, 10], *INTS),
+                                                    "index": Param("flat", *one_of("flat", "ivf", "hnsw"))},
+                          metric="mAP", cli="retrieve", help="Image retrieval (relevant = same label): mAP, P@k, R@k, MRR."))
+
+
+def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *, ks: Sequence[int] = (10, 20, 100, 200),
+            temperature: float = 0.07, shots: Sequence[int] | None = None, seeds: int = 3,
+            features: FeatureSpec | str | None = None, memory_limit: int | str | None = None, device: str = "cpu",
+            force: bool = False, complete_only: bool = False) -> list[tuple[Record, bool]]:
+    """:data:`KNN` (or, with ``shots``, :data:`KNN_FEWSHOT`) with every input a parameter."""
+    task = KNN_FEWSHOT if shots else KNN
+    params = {"k": list(ks), "temperature": temperature, **({"shots": list(shots), "seeds": seeds} if shots else {})}
+    request = task.request(backbone, dataset, {"train": train, "eval": eval}, params=params, features=features)
+    return run_task(cache, request, RunOptions(device, memory_limit, force, complete_only))
+
+
+def run_retrieval(cache: Cache, backbone: str, dataset: str, query: str, gallery: str, *,
+                  ks: Sequence[int] = (1, 5, 10), index: str = "flat", features: FeatureSpec | str | None = None,
+                  memory_limit: int | str | None = None, device: str = "cpu", force: bool = False,
+                  complete_only: bool = False) -> tuple[Record, bool]:
+    """:data:`RETRIEVAL` with every input a parameter: ``query`` and ``gallery`` splits."""
+    request = RETRIEVAL.request(backbone, dataset, {"train": gallery, "eval": query},
+                                params={"ks": list(ks), "index": index}, features=features)
+    return run_task(cache, request, RunOptions(device, memory_limit, force, complete_only))[0]

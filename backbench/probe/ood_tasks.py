@@ -13,12 +13,24 @@ import numpy as np
 
 from backbench.errors import ProbeInputError
 from backbench.probe.data import Split, check_same_backbone, load_split
-from backbench.probe.tasks import Record, base_request, load_pair
-from backbench.report.results import ResultsLog
+from backbench.probe.tasks import read_splits
 from backbench.store.cache import Cache
+from backbench.store.results import ResultsLog
+from backbench.tasks.base import (NAMES, REFS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, register,
+                                  run_task)
 
 DEFAULT_SCORES = ("knn", "msp", "maxlogit", "energy", "mahalanobis", "relative_mahalanobis", "vim", "cosine")
 PRIMARY = "knn"  # the leaderboard's OOD number: Sun et al.'s label-free KNN distance
+
+
+def _known_scores(v) -> bool:
+    from backbench.probe.ood import SCORES
+
+    return isinstance(v, (list, tuple)) and bool(v) and all(s in SCORES for s in v)
+
+
+SCORE_NAMES = (_known_scores, "a non-empty list of OOD scores, " + ", ".join(DEFAULT_SCORES)
+               + " (an unknown OOD score is refused)")
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -69,56 +81,66 @@ def _own_logit_scores(sets: dict[str, Split]) -> dict[str, dict[str, np.ndarray]
             for kind in ("msp", "maxlogit", "energy")}
 
 
-def run_ood(cache: Cache, backbone: str, dataset: str, id_train: str, id_test: str, *, ood: Sequence[str],
-            scores: Sequence[str] | None = None, device: str = "cpu", force: bool = False,
-            complete_only: bool = False) -> tuple[Record, bool]:
+def _ood(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
+    """OOD detection against each ``ood`` set, and open-set detection of the ``open_set`` classes."""
+    out = []
+    if request.params.get("ood"):
+        out.append(_detect(cache, request, options))
+    if request.params.get("open_set"):
+        out.append(_open_set(cache, request, options))
+    return out
+
+
+def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[Record, bool]:
     """ID test against each OOD set, for every score; AUROC etc. per set and averaged."""
-    scores = list(scores or DEFAULT_SCORES)
-    tr = load_split(cache, backbone, dataset, id_train, complete_only=complete_only, logits=True)
-    te = load_split(cache, backbone, dataset, id_test, complete_only=complete_only, logits=True)
-    outs = {f"{d}:{s}": load_split(cache, backbone, d, s, complete_only=complete_only, logits=True)
-            for d, s in map(parse_ref, ood)}
+    scores, ood = list(request.params["scores"] or DEFAULT_SCORES), list(request.params["ood"])
+    b, spec = request.backbone, request.features.spec
+
+    def read(dataset: str, split: str) -> Split:
+        return load_split(cache, b, dataset, split, complete_only=options.complete_only, logits=True,
+                          memory_limit=options.memory_limit, kind=spec)
+
+    tr, te = read(request.dataset, request.splits["train"]), read(request.dataset, request.splits["eval"])
+    outs = {f"{d}:{s}": read(d, s) for d, s in map(parse_ref, ood)}
     for other in (te, *outs.values()):
         check_same_backbone(tr, other)
-    request = base_request("ood", backbone, dataset, {"train": id_train, "test": id_test}, [tr, te, *outs.values()],
-                           {"ood": list(ood), "scores": scores}, 0)
-    request["groups"] = {"train": tr.key, "test": te.key, **{k: v.key for k, v in outs.items()}}
+    record = request.record({"train": tr.key, "test": te.key, **{k: v.key for k, v in outs.items()}},
+                            task="ood", splits={"train": tr.name, "test": te.name},
+                            params={"ood": ood, "scores": scores})
 
     def compute() -> Record:
         sets = {"id": te, **outs}
-        per_score = _score_sets(scores, tr, {k: s.X for k, s in sets.items()}, device)
+        per_score = _score_sets(scores, tr, {k: s.X for k, s in sets.items()}, options.device)
         per_score.update(_own_logit_scores(sets))
         metrics = _metrics(per_score, "id")
         primary = PRIMARY if PRIMARY in metrics else scores[0]
         return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"]}}
 
-    return ResultsLog(cache).run(request, compute, force=force)
+    return ResultsLog(cache).run(record, compute, force=options.force)
 
 
-def run_open_set(cache: Cache, backbone: str, dataset: str, train: str, test: str, *, holdout: Sequence[str],
-                 scores: Sequence[str] | None = None, device: str = "cpu", force: bool = False,
-                 complete_only: bool = False) -> tuple[Record, bool]:
-    """Hold out ``holdout`` classes as OOD: train on the rest, detect the held-out test images."""
-    scores = list(scores or DEFAULT_SCORES)
-    tr, (te,) = load_pair(cache, backbone, dataset, train, [test], complete_only=complete_only)
+def _open_set(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[Record, bool]:
+    """Hold out ``open_set`` classes as OOD: train on the rest, detect the held-out test images."""
+    scores, holdout = list(request.params["scores"] or DEFAULT_SCORES), list(request.params["open_set"])
+    tr, te = read_splits(cache, request, options, ("train", "eval"))
     missing = [c for c in holdout if c not in tr.classes]
     if missing or len(holdout) >= len(tr.classes) - 1:
-        raise ProbeInputError(f"--open-set classes {missing or list(holdout)} must be classes of {dataset} "
+        raise ProbeInputError(f"--open-set classes {missing or list(holdout)} must be classes of {request.dataset} "
                               f"({', '.join(tr.classes[:8])}...), leaving at least 2 ID classes")
     held = np.array([tr.classes.index(c) for c in holdout])
-    request = base_request("open-set", backbone, dataset, {"train": train, "test": test}, [tr, te],
-                           {"holdout": list(holdout), "scores": scores}, 0)
+    record = request.record({tr.name: tr.key, te.name: te.key}, task="open-set",
+                            splits={"train": tr.name, "test": te.name}, params={"holdout": holdout, "scores": scores})
 
     def compute() -> Record:
         keep_tr, id_te = ~np.isin(tr.y, held), ~np.isin(te.y, held)
         train_split = Split(tr.X[keep_tr], tr.y[keep_tr], tr.classes, tr.group, tr.name)
         sets = {"id": te.X[id_te], "held-out": te.X[~id_te]}
-        metrics = _metrics(_score_sets(scores, train_split, sets, device), "id")
+        metrics = _metrics(_score_sets(scores, train_split, sets, options.device), "id")
         primary = PRIMARY if PRIMARY in metrics else scores[0]
         return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"],
                             "n_id": int(id_te.sum()), "n_ood": int((~id_te).sum())}}
 
-    return ResultsLog(cache).run(request, compute, force=force)
+    return ResultsLog(cache).run(record, compute, force=options.force)
 
 
 def _subset_accuracy(probe, split: Split, train_classes: list[str]) -> dict[str, Any]:
@@ -137,23 +159,31 @@ def _subset_accuracy(probe, split: Split, train_classes: list[str]) -> dict[str,
             "mapping": mapping if len(mapping) < len(train_classes) else "identity (all classes)"}
 
 
-def run_shift(cache: Cache, backbone: str, train: tuple[str, str], eval: tuple[str, str],
-              shifted: Sequence[tuple[str, str]], *, device: str = "cpu", force: bool = False,
-              complete_only: bool = False) -> tuple[Record, bool]:
-    """Fit the probe once on train; report ID accuracy, each shifted accuracy and the gap."""
+def _shift(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
+    """Fit the probe once on train; report ID accuracy, each shifted accuracy and the gap.
+
+    ``eval`` is a split of the request's dataset or ``DATASET:SPLIT``; ``shifted`` names sets.
+    """
     from backbench.probe.linear import select_and_fit
 
-    tr = load_split(cache, backbone, *train, complete_only=complete_only)
-    ev = load_split(cache, backbone, *eval, complete_only=complete_only)
-    sh = {f"{d}:{s}": load_split(cache, backbone, d, s, complete_only=complete_only) for d, s in shifted}
+    b, spec = request.backbone, request.features.spec
+
+    def read(dataset: str, split: str) -> Split:
+        return load_split(cache, b, dataset, split, complete_only=options.complete_only,
+                          memory_limit=options.memory_limit, kind=spec)
+
+    train = (request.dataset, request.splits["train"])
+    ev_ref = request.splits["eval"]
+    eval_ = parse_ref(ev_ref) if ":" in ev_ref else (request.dataset, ev_ref)
+    tr, ev = read(*train), read(*eval_)
+    sh = {f"{d}:{s}": read(d, s) for d, s in map(parse_ref, request.params["shifted"])}
     for other in (ev, *sh.values()):
         check_same_backbone(tr, other)
-    request = base_request("shift", backbone, train[0], {"train": train[1], "eval": f"{eval[0]}:{eval[1]}"},
-                           [tr, ev, *sh.values()], {"shifted": list(sh)}, 0)
-    request["groups"] = {"train": tr.key, "eval": ev.key, **{k: v.key for k, v in sh.items()}}
+    record = request.record({"train": tr.key, "eval": ev.key, **{k: v.key for k, v in sh.items()}},
+                            splits={"train": train[1], "eval": f"{eval_[0]}:{eval_[1]}"}, params={"shifted": list(sh)})
 
     def compute() -> Record:
-        probe, sweep = select_and_fit(tr.X, tr.y, device=device)
+        probe, sweep = select_and_fit(tr.X, tr.y, device=options.device)
         id_acc = _subset_accuracy(probe, ev, tr.classes)["top1"]
         per = {k: _subset_accuracy(probe, s, tr.classes) for k, s in sh.items()}
         for v in per.values():
@@ -162,4 +192,43 @@ def run_shift(cache: Cache, backbone: str, train: tuple[str, str], eval: tuple[s
         return {"chosen_C": sweep.best_C, "metrics": {"id_top1": id_acc, "shifted": per, "shifted_top1": mean,
                                                       "gap": id_acc - mean}}
 
-    return ResultsLog(cache).run(request, compute, force=force)
+    return [ResultsLog(cache).run(record, compute, force=options.force)]
+
+
+OOD = register(Task("ood", _ood, {"ood": Param(None, *REFS, refs=True), "open_set": Param(None, *NAMES),
+                                  "scores": Param(None, *SCORE_NAMES)},
+                    needs=("ood", "open_set"), metric="auroc", records={"open-set": "auroc"}, cli="ood",
+                    help="OOD detection: AUROC, AUPR-In/Out, FPR@95 of each score, ID test vs each OOD set."))
+SHIFT = register(Task("shift", _shift, {"shifted": Param(None, *REFS, refs=True)}, needs=("shifted",),
+                      metric="shifted_top1", cli="shift",
+                      help="OOD generalization: fit the probe once, report ID and shifted accuracy and the gap."))
+
+
+def run_ood(cache: Cache, backbone: str, dataset: str, id_train: str, id_test: str, *, ood: Sequence[str],
+            scores: Sequence[str] | None = None, features: FeatureSpec | str | None = None,
+            memory_limit: int | str | None = None, device: str = "cpu", force: bool = False,
+            complete_only: bool = False) -> tuple[Record, bool]:
+    """OOD detection (:data:`OOD` with ``ood`` sets) with every input a parameter."""
+    request = OOD.request(backbone, dataset, {"train": id_train, "eval": id_test},
+                          params={"ood": list(ood), "scores": scores}, features=features)
+    return _detect(cache, request, RunOptions(device, memory_limit, force, complete_only))
+
+
+def run_open_set(cache: Cache, backbone: str, dataset: str, train: str, test: str, *, holdout: Sequence[str],
+                 scores: Sequence[str] | None = None, features: FeatureSpec | str | None = None,
+                 memory_limit: int | str | None = None, device: str = "cpu", force: bool = False,
+                 complete_only: bool = False) -> tuple[Record, bool]:
+    """Open-set detection (:data:`OOD` with ``open_set`` classes) with every input a parameter."""
+    request = OOD.request(backbone, dataset, {"train": train, "eval": test},
+                          params={"open_set": list(holdout), "scores": scores}, features=features)
+    return _open_set(cache, request, RunOptions(device, memory_limit, force, complete_only))
+
+
+def run_shift(cache: Cache, backbone: str, train: tuple[str, str], eval: tuple[str, str],
+              shifted: Sequence[tuple[str, str]], *, features: FeatureSpec | str | None = None,
+              memory_limit: int | str | None = None, device: str = "cpu", force: bool = False,
+              complete_only: bool = False) -> tuple[Record, bool]:
+    """:data:`SHIFT` with every input a parameter: ``(dataset, split)`` pairs."""
+    request = SHIFT.request(backbone, train[0], {"train": train[1], "eval": f"{eval[0]}:{eval[1]}"},
+                            params={"shifted": [f"{d}:{s}" for d, s in shifted]}, features=features)
+    return run_task(cache, request, RunOptions(device, memory_limit, force, complete_only))[0]

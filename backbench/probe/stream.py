@@ -10,8 +10,6 @@ per gallery chunk, top-k merged in a :class:`faiss.ResultHeap`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import re
 from typing import Any, Iterator
@@ -39,27 +37,13 @@ def default_memory_limit(fraction: float = 0.5) -> int:
     return int(fraction * psutil.virtual_memory().available)
 
 
-_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("backbench_memory_limit", default=None)
-
-
-def memory_limit() -> int:
-    """The limit in force: :func:`limit_memory`'s, else ``$BACKBENCH_MEMORY_LIMIT``, else half
-    of the memory available now."""
-    if _LIMIT.get() is not None:
-        return int(_LIMIT.get())
+def resolve_memory_limit(limit: str | int | None = None) -> int:
+    """The limit in bytes: ``limit`` (``"8GB"``, a number, ``0`` = always stream), else
+    ``$BACKBENCH_MEMORY_LIMIT``, else half of the memory available now."""
+    if limit is not None:
+        return int(parse_size(limit))
     env = os.environ.get("BACKBENCH_MEMORY_LIMIT")
     return parse_size(env) if env else default_memory_limit()
-
-
-@contextlib.contextmanager
-def limit_memory(limit: str | int | None):
-    """Within the block, probes stream any task whose float32 features exceed ``limit`` bytes
-    (``"8GB"``; ``0`` streams always; ``None`` keeps the default)."""
-    token = _LIMIT.set(parse_size(limit) if limit is not None else _LIMIT.get())
-    try:
-        yield
-    finally:
-        _LIMIT.reset(token)
 
 
 class GroupRows:

@@ -214,7 +214,7 @@ class Cache:
         """``<backbone-slug>/<dataset>/<split>``; other feature kinds than pooled in ``<split>~<kind>``."""
         path = f"{backbone_slug(backbone)}/{check_name('dataset', dataset)}/{check_name('split', split)}"
         if kind and kind != "pooled":
-            from backbench.extract.kinds import split_name
+            from backbench.kinds import split_name
 
             path = f"{path}{split_name('x', kind)[1:]}"
         return path

@@ -231,7 +231,7 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
 
 def copy_records(sources: list[Cache], target: Cache) -> dict[str, int]:
     """Every results record of ``sources`` that ``target`` lacks (same key: same record)."""
-    from backbench.report.results import ResultsLog
+    from backbench.store.results import ResultsLog
 
     log, copied, present = ResultsLog(target), 0, 0
     for src in sources:
