@@ -205,7 +205,21 @@ class _Scorer(BaseEstimator):
 
 
 class _HeadScorer(_Scorer):
-    """A scorer built on a linear head: ``W, b`` if given, else ``probe``, else a probe fitted here."""
+    """A scorer built on a linear head: ``W, b`` if given, else ``probe``, else a probe fitted here.
+
+    Holds the head's parameters for its subclasses, whose own ``__init__`` (the signature
+    scikit-learn's ``get_params`` reads) passes them here.
+    """
+
+    def __init__(self, *, probe: Any = None, W: Any = None, b: Any = None, Cs: Any = None, seed: int = 0,
+                 device: str = "cpu", batch_size: int = 4096) -> None:
+        self.probe = probe
+        self.W = W
+        self.b = b
+        self.Cs = Cs
+        self.seed = seed
+        self.device = device
+        self.batch_size = batch_size
 
     def _fit_head(self, X: Any, y: Any) -> None:
         if self.W is not None:
@@ -238,15 +252,9 @@ class LogitScorer(_HeadScorer):
     def __init__(self, kind: str = "msp", *, probe: Any = None, W: Any = None, b: Any = None,
                  temperature: float = 1.0, Cs: Any = None, seed: int = 0, device: str = "cpu",
                  batch_size: int = 4096) -> None:
+        super().__init__(probe=probe, W=W, b=b, Cs=Cs, seed=seed, device=device, batch_size=batch_size)
         self.kind = kind
-        self.probe = probe
-        self.W = W
-        self.b = b
         self.temperature = temperature
-        self.Cs = Cs
-        self.seed = seed
-        self.device = device
-        self.batch_size = batch_size
 
     def fit(self, X: Any, y: Any = None) -> LogitScorer:
         """Take the head (or fit a probe on ``X, y``); returns ``self``."""
@@ -380,14 +388,8 @@ class ViM(_HeadScorer):
 
     def __init__(self, dim: int | None = None, *, probe: Any = None, W: Any = None, b: Any = None,
                  Cs: Any = None, seed: int = 0, device: str = "cpu", batch_size: int = 4096) -> None:
+        super().__init__(probe=probe, W=W, b=b, Cs=Cs, seed=seed, device=device, batch_size=batch_size)
         self.dim = dim
-        self.probe = probe
-        self.W = W
-        self.b = b
-        self.Cs = Cs
-        self.seed = seed
-        self.device = device
-        self.batch_size = batch_size
 
     def fit(self, X: Any, y: Any = None) -> ViM:
         """Head, principal subspace (pass 1) and ``alpha`` (pass 2) from ``X``; returns ``self``."""
