@@ -1,3 +1,32 @@
-"""backbench: which pretrained vision backbone should I build on?"""
+"""backbench: which pretrained vision backbone should I build on?
+
+The Python API: :func:`extract`, :func:`probe`, :func:`knn`, :func:`retrieve`, :func:`ood`,
+:func:`shift`, :func:`run` (any registered task), :func:`battle` and :func:`report`; each takes a
+cache as a path or a :class:`~backbench.store.Cache` (see :mod:`backbench.api`).
+
+Four of these share their names with subpackages (``backbench.extract``, ``backbench.probe``,
+``backbench.battle``, ``backbench.report``): as attributes of ``backbench`` they are the
+functions; the subpackages are reached by import (``from backbench.extract import run``).
+"""
+
+import sys
+import types
 
 __version__ = "0.1.0"
+
+from backbench.api import TaskResult, battle, extract, knn, ood, probe, report, retrieve, run, shift  # noqa: E402
+
+__all__ = ["TaskResult", "battle", "extract", "knn", "ood", "probe", "report", "retrieve", "run", "shift",
+           "__version__"]
+
+
+class _Package(types.ModuleType):
+    """This package's module: importing a same-named subpackage does not replace an API function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

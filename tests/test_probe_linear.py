@@ -169,7 +169,7 @@ def test_sweep_breaks_ties_towards_stronger_regularization():
 
 
 def test_select_and_fit_uses_a_stratified_train_holdout(monkeypatch):
-    import backbench.probe.linear as linear
+    from backbench.probe import linear
 
     seen = {}
     real_path = linear._path

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from backbench.errors import ProbeInputError
-from backbench.probe.stream import GroupRows
 
 NOT_FINITE = "{name} contains NaN or infinite values; drop or impute them before {purpose}"
 
@@ -24,6 +23,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     x /= np.maximum(norms, np.float32(1e-12))
     return x
+
+
+class ChunkedRows:
+    """A lazy row matrix stored in chunks (:class:`~backbench.probe.stream.GroupRows`): its
+    :meth:`blocks` reads each stored chunk once, in order. A base class here, so this module
+    needs nothing from the modules that read caches."""
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:  # pragma: no cover - abstract
+        """``(first row, rows)`` per stored chunk, in order."""
+        raise NotImplementedError
 
 
 def _finite(block: Any) -> bool:
@@ -42,7 +51,7 @@ def iter_blocks(X: Any, rows: int, *, dtype: Any = None, normalize: bool = False
     - ``normalize`` scales each copy's rows to unit L2 norm (give ``dtype=np.float32``).
     - ``check_finite``: True, or the message to raise, when a block holds NaN or inf
       (:class:`ProbeInputError`; checked before normalizing).
-    - ``stored_chunks``: a lazy ``GroupRows`` goes by the cache's stored chunks instead (one
+    - ``stored_chunks``: a lazy :class:`ChunkedRows` goes by its stored chunks instead (one
       pass over the cache, each chunk read once), as the solver reads it.
 
     ``rows`` below 1 raises :class:`ProbeInputError` (``batch_size must be a positive integer``).
@@ -50,7 +59,7 @@ def iter_blocks(X: Any, rows: int, *, dtype: Any = None, normalize: bool = False
     if int(rows) < 1:
         raise ProbeInputError(f"batch_size must be a positive integer, got {rows}")
     step = int(rows)
-    if stored_chunks and isinstance(X, GroupRows):
+    if stored_chunks and isinstance(X, ChunkedRows):
         parts: Iterator[tuple[int, Any]] = X.blocks()
     else:
         parts = ((start, X[start : start + step]) for start in range(0, X.shape[0], step))

@@ -30,7 +30,7 @@ def _known_scores(v) -> bool:
 
 
 SCORE_NAMES = (_known_scores, "a non-empty list of OOD scores, " + ", ".join(DEFAULT_SCORES)
-               + " (an unknown OOD score is refused)")
+               + " (an unknown OOD score is refused)", list)
 
 
 def parse_ref(ref: str) -> tuple[str, str]:

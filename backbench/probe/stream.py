@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from backbench.errors import BackbenchError, ProbeInputError
+from backbench.probe.blocks import ChunkedRows
 
 
 def parse_size(text: str | int | float | None) -> int | None:
@@ -46,7 +47,7 @@ def resolve_memory_limit(limit: str | int | None = None) -> int:
     return parse_size(env) if env else default_memory_limit()
 
 
-class GroupRows:
+class GroupRows(ChunkedRows):
     """Rows of one or more cache groups as a lazy float32 matrix (``parts``: group, row numbers)."""
 
     dtype = np.dtype(np.float32)

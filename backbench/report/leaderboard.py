@@ -18,18 +18,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-# task -> (main metric, label)
-MAIN_METRIC = {
-    "probe": "top1",
-    "probe-multilabel": "mean_auroc",
-    "fewshot": "top1",
-    "knn": "top1",
-    "knn-fewshot": "top1",
-    "retrieval": "mAP",
-    "ood": "auroc",
-    "open-set": "auroc",
-    "shift": "shifted_top1",
-}
+def main_metrics() -> dict[str, str]:
+    """Record task name -> the metric it is ranked by, in the registry's order (its columns' order)."""
+    from backbench.tasks.base import registered
+
+    out: dict[str, str] = {}
+    for task in registered().values():
+        out.update({task.name: task.metric, **task.records})
+    return out
 
 
 @dataclass
@@ -97,8 +93,9 @@ def _num(v: float) -> float | None:
 def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Newest record per (backbone, task, dataset, shots, seed): reruns replace, not add."""
     best: dict[tuple, dict[str, Any]] = {}
+    metrics = main_metrics()
     for r in sorted(records, key=lambda r: r.get("created", "")):
-        if r.get("task") in MAIN_METRIC and MAIN_METRIC[r["task"]] in r.get("metrics", {}):
+        if r.get("task") in metrics and metrics[r["task"]] in r.get("metrics", {}):
             key = (r["backbone"], r["task"], r["dataset"], r.get("params", {}).get("shots"), r.get("seed"))
             best[key] = r
     return list(best.values())
@@ -127,15 +124,16 @@ def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
     import warnings
 
     recs = _latest(records)
+    metric = main_metrics()
     cells: dict[tuple[str, str], list[float]] = {}
     curves: dict[str, dict[int, list[float]]] = {}
     for r in recs:
-        value = float(r["metrics"][MAIN_METRIC[r["task"]]])
+        value = float(r["metrics"][metric[r["task"]]])
         cells.setdefault((r["backbone"], f"{r['task']}:{r['dataset']}"), []).append(value)
         if r["task"] == "fewshot":
             curves.setdefault(r["backbone"], {}).setdefault(int(r["params"]["shots"]), []).append(value)
     backbones = sorted({b for b, _ in cells})
-    columns = sorted({c for _, c in cells}, key=lambda c: (list(MAIN_METRIC).index(c.split(":")[0]), c))
+    columns = sorted({c for _, c in cells}, key=lambda c: (list(metric).index(c.split(":")[0]), c))
     values = np.full((len(backbones), len(columns)), np.nan)
     for (b, c), v in cells.items():
         values[backbones.index(b), columns.index(c)] = float(np.mean(v))

@@ -92,7 +92,7 @@ class TaskRequest:
                 "seed": self.seed if seed is None else seed, "groups": dict(groups)}
 
 
-Check = tuple[Callable[[Any], bool], str]  # (accepts the value?, what is accepted)
+Check = tuple  # (accepts the value?, what is accepted[, the canonical form of an accepted value])
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class Param:
     default: Any
     accepts: Callable[[Any], bool]
     what: str
+    cast: Callable[[Any], Any] = lambda v: v  # one spelling per value (1 and 1.0 key one record)
     refs: bool = False
 
 
@@ -136,9 +137,12 @@ class Task:
         out: dict[str, Any] = {}
         for key, param in self.params.items():
             value = raw.get(key)
-            if value is not None and not param.accepts(value):
+            if value is None:
+                out[key] = param.default
+            elif not param.accepts(value):
                 problems.append(f"{where}.{key} must be {param.what}, not {value!r}")
-            out[key] = param.default if value is None else value
+            else:
+                out[key] = param.cast(value)
         if self.needs and not any(raw.get(k) is not None for k in self.needs):
             problems.append(f"{where} runs nothing without {' or '.join(self.needs)}")
         return out, problems
@@ -227,13 +231,15 @@ def is_ref(v: Any) -> bool:
     return bool(sep and ds and split)
 
 
-POS_INT: Check = (lambda v: is_int(v, 1), "a positive integer")
-INTS: Check = (list_of(lambda v: is_int(v, 1)), "a non-empty list of positive integers, e.g. [10, 20]")
-NUMBER: Check = (is_number, "a positive number, e.g. 0.07")
-CS: Check = (list_of(is_number), "a non-empty list of positive numbers, e.g. [0.1, 1.0]")
-REFS: Check = (list_of(is_ref), 'a non-empty list of "DATASET:SPLIT" names, e.g. ["textures:test"]')
-NAMES: Check = (list_of(is_text), 'a non-empty list of class names, e.g. ["8", "9"]')
+POS_INT: Check = (lambda v: is_int(v, 1), "a positive integer", int)
+INTS: Check = (list_of(lambda v: is_int(v, 1)), "a non-empty list of positive integers, e.g. [10, 20]",
+               lambda v: [int(x) for x in v])
+NUMBER: Check = (is_number, "a positive number, e.g. 0.07", float)
+CS: Check = (list_of(is_number), "a non-empty list of positive numbers, e.g. [0.1, 1.0]",
+             lambda v: [float(x) for x in v])
+REFS: Check = (list_of(is_ref), 'a non-empty list of "DATASET:SPLIT" names, e.g. ["textures:test"]', list)
+NAMES: Check = (list_of(is_text), 'a non-empty list of class names, e.g. ["8", "9"]', list)
 
 
 def one_of(*options: str) -> Check:
-    return (lambda v: v in options, " or ".join(options))
+    return (lambda v: v in options, " or ".join(options), str)

@@ -1,0 +1,127 @@
+"""The Python API a notebook calls: every input a parameter, a cache as a path or a :class:`Cache`.
+
+Each task function builds the same :class:`~backbench.tasks.base.TaskRequest` the CLI and the
+battle build, runs it through the task registry (reusing a record the results log already
+has) and returns a :class:`TaskResult`. Imports are lazy: ``import backbench`` stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+
+@dataclass
+class TaskResult:
+    """The records one call produced (one per shots x seed for few-shot tasks) and whether each was reused."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    reused: list[bool] = field(default_factory=list)
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The first record (the only one for single-seed tasks)."""
+        return self.records[0]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record.get("metrics", {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": [{**r, "reused": u} for r, u in zip(self.records, self.reused)]}
+
+
+def _cache(cache: Any, mode: str = "r+"):
+    from backbench.store.cache import Cache
+
+    return cache if isinstance(cache, Cache) else Cache(cache, mode=mode)
+
+
+def run(task: str, backbone: str, dataset: str, *, splits: Mapping[str, str | None],
+        params: Mapping[str, Any] | None = None, features: str | None = None, cache: Any = None,
+        device: str = "auto", memory_limit: int | str | None = None, force: bool = False,
+        complete_only: bool = False) -> TaskResult:
+    """Run any registered task (``backbench.tasks.registered()``) by name; see the specific functions below."""
+    from backbench.device import resolve_device
+    from backbench.tasks.base import RunOptions, get_task, run_task
+
+    request = get_task(task).request(backbone, dataset, splits, params=params, features=features)
+    pairs = run_task(_cache(cache), request, RunOptions(resolve_device(device), memory_limit, force, complete_only))
+    return TaskResult([r for r, _ in pairs], [u for _, u in pairs])
+
+
+def probe(backbone: str, dataset: str, *, train: str, eval: str, val: str | None = None,
+          C: Sequence[float] | None = None, shots: Sequence[int] | None = None, seeds: int = 3,
+          **options: Any) -> TaskResult:
+    """The linear probe (C chosen on ``val``, else a 10 % holdout); with ``shots``, the few-shot probe.
+
+    ``options``: ``features``, ``cache``, ``device``, ``memory_limit``, ``force``, ``complete_only``.
+    """
+    params = {"C": C, **({"shots": list(shots), "seeds": seeds} if shots else {})}
+    return run("fewshot" if shots else "probe", backbone, dataset, splits={"train": train, "eval": eval, "val": val},
+               params=params, **options)
+
+
+def knn(backbone: str, dataset: str, *, train: str, eval: str, k: Sequence[int] | None = None,
+        temperature: float = 0.07, shots: Sequence[int] | None = None, seeds: int = 3, **options: Any) -> TaskResult:
+    """DINO's weighted kNN vote; with ``shots``, on K train images per class per seed."""
+    params = {"k": k, "temperature": temperature, **({"shots": list(shots), "seeds": seeds} if shots else {})}
+    return run("knn-fewshot" if shots else "knn", backbone, dataset, splits={"train": train, "eval": eval},
+               params=params, **options)
+
+
+def retrieve(backbone: str, dataset: str, *, query: str, gallery: str, ks: Sequence[int] | None = None,
+             index: str = "flat", **options: Any) -> TaskResult:
+    """Same-label retrieval of ``query`` images in ``gallery``: mAP, P@k, R@k, MRR."""
+    return run("retrieval", backbone, dataset, splits={"train": gallery, "eval": query},
+               params={"ks": ks, "index": index}, **options)
+
+
+def ood(backbone: str, dataset: str, *, train: str, eval: str, ood: Sequence[str] | None = None,
+        open_set: Sequence[str] | None = None, scores: Sequence[str] | None = None, **options: Any) -> TaskResult:
+    """OOD detection of the ``ood`` sets (``DATASET:SPLIT``) and/or the held-out ``open_set`` classes."""
+    return run("ood", backbone, dataset, splits={"train": train, "eval": eval},
+               params={"ood": ood, "open_set": open_set, "scores": scores}, **options)
+
+
+def shift(backbone: str, dataset: str, *, train: str, eval: str, shifted: Sequence[str], **options: Any) -> TaskResult:
+    """OOD generalization: the probe fitted on ``train``, scored on ``eval`` and each ``shifted`` set."""
+    return run("shift", backbone, dataset, splits={"train": train, "eval": eval}, params={"shifted": list(shifted)},
+               **options)
+
+
+def extract(backbone: Any, data: Any, *, dataset: str, split: str, cache: Any = None, **options: Any):
+    """Extract one (backbone, dataset, split) into the cache; see :func:`backbench.extract.run.extract`."""
+    from backbench.extract.run import extract as run_extract
+
+    return run_extract(backbone, data, cache=cache, dataset=dataset, split=split, **options)
+
+
+def battle(config: Any = None, *, cache: Any = None, memory_limit: int | str | None = None, client: Any = None):
+    """Run a battle (a TOML path, a parsed :class:`BattleConfig`, or None for the built-in one);
+    on a dask ``client`` when given. The cache: ``cache``, else ``$BACKBENCH_CACHE``, else the config's."""
+    from backbench.battle.config import BattleConfig, load_config, resolve_cache
+    from backbench.battle.run import run_battle, run_battle_dask
+
+    cfg = config if isinstance(config, BattleConfig) else load_config(config)
+    store = _cache(cache if cache is not None and not isinstance(cache, str) else resolve_cache(cache, cfg)[0], "a")
+    if client is not None:
+        return run_battle_dask(cfg, store, client, memory_limit=memory_limit)
+    return run_battle(cfg, store, memory_limit=memory_limit)
+
+
+def report(cache: Any = None, *, format: str = "markdown") -> str:
+    """The leaderboard of a cache's results as text: ``markdown``, ``csv``, ``json`` or ``html``."""
+    from backbench.report.leaderboard import build, cost_table
+    from backbench.report.render import figures, to_csv, to_html, to_json, to_markdown
+    from backbench.store.results import ResultsLog
+
+    records = ResultsLog(_cache(cache, "r")).records()
+    board = build(records)
+    render = {"markdown": to_markdown, "csv": to_csv, "json": to_json,
+              "html": lambda b: to_html(b, figures(b, cost_table(records)))}
+    if format not in render:
+        from backbench.errors import BackbenchError
+
+        raise BackbenchError(f"format {format!r}: use one of {', '.join(render)}")
+    return render[format](board)

@@ -1,0 +1,88 @@
+"""The task layer: a task added by one file runs through the CLI, the battle and the Python API;
+requests are data (explicit features and memory limit), keyed as before the task layer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestCentroid
+
+import backbench
+from backbench.store import Cache
+from backbench.store.results import ResultsLog
+from backbench.tasks import FeatureSpec, RunOptions, TaskRequest, get_task, registered, run_task
+
+B = "fake:pixels"
+
+
+def _reference(cache_path: str) -> float:
+    g = {s: Cache(cache_path).group(B, "digits", s) for s in ("train", "test")}
+    model = NearestCentroid().fit(g["train"].features().astype(np.float32), g["train"].labels())
+    return float((model.predict(g["test"].features().astype(np.float32)) == g["test"].labels()).mean())
+
+
+def test_a_task_in_one_file_runs_through_cli_battle_and_api(digits_cache, tmp_path, run_cli):
+    import toy_task  # noqa: F401  (registers "centroid"; nothing else is edited)
+
+    want = _reference(digits_cache)
+    # the CLI: a generated command with the task's roles and parameters
+    code, out, err = run_cli("centroid", "-b", B, "-d", "digits", "--train", "train", "--eval", "test",
+                             "--shrink", "1", "--cache", digits_cache, "--json")
+    assert code == 0, err
+    (rec,) = json.loads(out)
+    assert rec["task"] == "centroid" and rec["metrics"]["top1"] == pytest.approx(want, abs=1e-12)
+    code, _, err = run_cli("centroid", "-b", B, "-d", "digits", "--train", "train", "--eval", "test",
+                           "--shrink", "-1", "--cache", digits_cache)
+    assert code == 1 and "centroid.shrink must be a positive number" in err
+    # the Python API: the same request, so the record is reused
+    result = backbench.run("centroid", B, "digits", splits={"train": "train", "eval": "test"},
+                           params={"shrink": 1.0}, cache=digits_cache)
+    assert result.reused == [True] and result.metrics["top1"] == rec["metrics"]["top1"]
+    assert result.to_dict()["records"][0]["key"] == rec["key"]
+    # the battle: [tasks.centroid] checked against its schema, run, and ranked
+    from backbench.battle.config import ConfigError, parse_config
+    from backbench.battle.run import run_battle
+
+    raw = {"backbones": ["timm:test_resnet@random"], "workers": 0,
+           "datasets": {"digits": {"source": "digits", "splits": ["train", "test"], "limit": 40}},
+           "tasks": {"centroid": {"shrink": 1.0}}}
+    with pytest.raises(ConfigError, match="tasks.centroid: unknown key"):
+        parse_config({**raw, "tasks": {"centroid": {"shrnk": 1.0}}})
+    cache = Cache(str(tmp_path / "b.zarr"))
+    summary = run_battle(parse_config(raw), cache)
+    assert not summary.failed, [r.message for r in summary.failed]
+    (rec,) = [r for r in ResultsLog(cache).records() if r["task"] == "centroid"]
+    board = backbench.report(cache, format="json")
+    assert "centroid:digits" in json.loads(board)["columns"]
+
+
+def test_registry_lists_the_built_in_tasks_with_schemas():
+    tasks = registered()
+    assert {"probe", "fewshot", "knn", "knn-fewshot", "retrieval", "ood", "shift", "probe-multilabel"} <= set(tasks)
+    assert get_task("knn").check_params({"k": "five"})[1] == [
+        "tasks.knn.k must be a non-empty list of positive integers, e.g. [10, 20], not 'five'"]
+    with pytest.raises(Exception, match="unknown task 'nope'"):
+        get_task("nope")
+
+
+def test_requests_are_data_and_keep_the_record_keys(digits_cache):
+    """The same probe through the API, a request and the old function: one record (the same key)."""
+    from backbench.probe.tasks import run_probe
+
+    rec, reused = run_probe(Cache(digits_cache), B, "digits", "train", "test", Cs=[0.1, 1.0])
+    request = get_task("probe").request(B, "digits", {"train": "train", "eval": "test", "val": None},
+                                        params={"C": [0.1, 1.0]})
+    assert isinstance(request, TaskRequest) and request.features == FeatureSpec("pooled")
+    ((again, reused_again),) = run_task(Cache(digits_cache), request, RunOptions(memory_limit="1KB"))
+    assert not reused and reused_again and again["key"] == rec["key"]
+    api = backbench.probe(B, "digits", train="train", eval="test", C=[0.1, 1.0], cache=digits_cache)
+    assert api.reused == [True] and api.record["key"] == rec["key"]
+    # the key is the hash of the same fields records had before the task layer
+    from backbench.store.results import request_key
+
+    legacy = {"task": "probe", "backbone": B, "dataset": "digits", "splits": {"train": "train", "eval": "test",
+              "val": None}, "params": {"Cs": [0.1, 1.0], "selection": "holdout-10%"}, "seed": 0,
+              "groups": {s: Cache(digits_cache).group(B, "digits", s).attrs["cache_key"] for s in ("train", "test")}}
+    assert rec["key"] == request_key(legacy)
