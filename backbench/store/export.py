@@ -90,7 +90,7 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
     checksum, features beyond float16) is not left half-imported: a new one is removed."""
     from backbench.errors import require
     from backbench.store.lock import local_folder, locked
-    from backbench.store.merge import check_same, fill, layout
+    from backbench.store.merge import fill
 
     h5py = require("h5py")
     where = str(path)
@@ -113,18 +113,7 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
             jobs = _plan_exported(where, exported, backbone, dataset, split, dtype)
         else:
             jobs = [_plan_foreign(where, h5, backbone, dataset, split, dtype or "float16")]
-        # refuse conflicts before writing anything
-        targets = []
-        for spec, rows in jobs:
-            a = spec["attrs"]
-            key = group_key(a)
-            have = cache.group(*key) if key in cache else None
-            if have is not None:
-                check_same(have.attrs.get("cache_key"), layout(have), cache_key(a),
-                           (spec["n"], spec["dim"], spec["dtype"], spec["num_classes"]),
-                           partial(_import_conflict, f"{have.path} exists in {cache.path}"))
-            targets.append((spec, rows, key, have))
-        for spec, rows, key, have in targets:
+        for spec, rows, key, have in _targets(cache, jobs):
             path_ = cache.group_path(*key)
             if have is not None and have.is_complete:
                 report["already_present"].append(path_)
@@ -146,6 +135,23 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
             if not have.is_complete:
                 report["incomplete"].append({"group": path_, "rows_done": have.rows_done(), "n": have.n})
     return report
+
+
+def _targets(cache: Cache, jobs: list) -> list[tuple]:
+    """``(spec, rows, key, group or None)`` per job; a group the cache holds with another
+    fingerprint or layout is refused here, before anything is written."""
+    from backbench.store.merge import check_same, layout
+
+    targets = []
+    for spec, rows in jobs:
+        key = group_key(spec["attrs"])
+        have = cache.group(*key) if key in cache else None
+        if have is not None:
+            check_same(have.attrs.get("cache_key"), layout(have), cache_key(spec["attrs"]),
+                       (spec["n"], spec["dim"], spec["dtype"], spec["num_classes"]),
+                       partial(_import_conflict, f"{have.path} exists in {cache.path}"))
+        targets.append((spec, rows, key, have))
+    return targets
 
 
 def _import_conflict(where: str, what: str) -> CacheMismatch:
