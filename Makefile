@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/backbench ls --cache $(DEMO_CACHE)
 
 test: $(STAMP)
+	$(BIN)/lint-imports    # the layering rule of docs/layout.md
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

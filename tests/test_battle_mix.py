@@ -8,7 +8,7 @@ import numpy as np
 from backbench.report.leaderboard import build
 from backbench.store.results import ResultsLog
 from backbench.store import Cache
-from test_data_more import write_shards
+from test_datasets_wds import write_shards
 
 
 def _tiny_hf_vit(folder):

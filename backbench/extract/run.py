@@ -578,9 +578,11 @@ def extract(
     # a cache named by path is opened (made, if new) only now: a backbone or data source that
     # fails to load leaves no empty cache behind
     cache = cache if isinstance(cache, Cache) else Cache(cache)
-    if decode == "auto" and (model.name, dataset, split) in cache and not overwrite:
-        started = started_decode(cache.group(model.name, dataset, split).attrs.get("preprocess", {}))
-        decode = started if src.has_bytes else "workers"
+    if decode == "auto" and not overwrite:
+        with locked(local_folder(cache.path)):  # not while another process creates the group
+            held = cache.group(model.name, dataset, split) if (model.name, dataset, split) in cache else None
+        if held is not None:
+            decode = started_decode(held.attrs.get("preprocess", {})) if src.has_bytes else "workers"
     decode = resolve_decode(decode, device, src)
     kinds, view = expand(features, layers), check_view(views)
     attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view)

@@ -1,6 +1,6 @@
 """The task layer: every task is one module that registers a :class:`~backbench.tasks.base.Task`.
 
-The built-in tasks are the modules :mod:`backbench.tasks.builtin` imports; the registry
+The built-in tasks are the modules :mod:`backbench.probe.builtin` imports; the registry
 loads them on first use (:func:`~backbench.tasks.base.registered`). A new task is one more
 module that calls :func:`register`: the CLI, the battle and the Python API find it there.
 """

@@ -59,12 +59,6 @@ class RunOptions:
     force: bool = False  # recompute even if the results log has the record
     complete_only: bool = False  # read the finished rows of an incomplete group
 
-    @property
-    def limit(self) -> int:
-        """The memory limit in bytes: this request's, else ``$BACKBENCH_MEMORY_LIMIT``, else half the free memory."""
-        from backbench.probe.stream import resolve_memory_limit
-
-        return resolve_memory_limit(self.memory_limit)
 
 
 @dataclass(frozen=True)
@@ -172,7 +166,7 @@ def _builtin() -> dict[str, Task]:
     """The registry, with the built-in tasks loaded (by name, once: their modules import this one)."""
     import importlib
 
-    importlib.import_module("backbench.tasks.builtin")
+    importlib.import_module("backbench.probe.builtin")
     return _TASKS
 
 
