@@ -16,7 +16,7 @@ import zarr
 
 from backbench.errors import CacheError
 from backbench.store import Cache
-from backbench.store.cache import inside
+from backbench.store.remote import inside
 from conftest import put_group
 
 pytest.importorskip("aiohttp")

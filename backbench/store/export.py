@@ -254,56 +254,14 @@ def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) ->
 
 def _plan_foreign(where: str, h5, backbone, dataset, split, dtype: str):
     """A file from another tool: one ``features`` dataset with labels (and ids) beside it."""
-    import h5py
-
     from backbench.provenance import library_versions
     from backbench.store.merge import Rows
 
-    found: list = []
-    h5.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
-                  and name.rsplit("/", 1)[-1] == "features" else None)
-    if not found:
-        raise CacheError(f"{where} has no features dataset (and no groups from `backbench export`); it needs "
-                         f"`features` (samples x dims) at its root or in one group")
-    if len(found) > 1:
-        raise CacheError(f"{where} has {len(found)} features datasets ({', '.join(d.name for d in found)}); "
-                         f"import takes one per file: copy each to its own file with h5py")
-    ds = found[0]
-    missing = [f"--{k}" for k, v in (("backbone", backbone), ("dataset", dataset), ("split", split)) if not v]
-    if missing:
-        raise CacheError(f"{where} is not a `backbench export`: give {', '.join(missing)} to name its features "
-                         f"in the cache, e.g. --backbone thingsvision:clip --dataset pets --split train")
-    if ds.ndim != 2 or ds.dtype.kind not in "fiu" or not ds.shape[0]:
-        raise CacheError(f"{where}: features has shape {ds.shape} and dtype {ds.dtype}; import needs numbers, "
-                         f"one row per sample (samples x dims): pool or flatten them first")
+    ds = _foreign_features(where, h5, backbone, dataset, split)
     n, dim = (int(v) for v in ds.shape)
     places = [ds.parent] + ([h5] if ds.parent.name != "/" else [])
-
-    def beside(names: tuple[str, ...]):
-        for place in places:
-            for name in names:
-                if isinstance(place.get(name), h5py.Dataset):
-                    return place[name]
-        return None
-
-    lab = beside(LABELS)
-    if lab is None:
-        raise CacheError(f"{where} has no labels dataset (looked for {', '.join(LABELS)}); add one with an "
-                         f"integer label per row beside {ds.name}, e.g. with h5py")
-    raw = lab[()].reshape(-1) if lab.ndim == 2 and 1 in lab.shape else lab[()]
-    if np.ndim(raw) != 1 or len(raw) != n:
-        raise CacheError(f"{where}: {lab.name} has shape {np.shape(raw)} but {ds.name} has {n} rows; "
-                         f"they must match row for row")
-    classes = _classes(places, ds)
-    labels, classes = _labels(where, lab.name, raw, classes)
-    id_ds = beside(IDS)
-    if id_ds is not None:
-        ids = _strings(id_ds)
-        if len(ids) != n:
-            raise CacheError(f"{where}: {id_ds.name} has {len(ids)} entries but {ds.name} has {n} rows; "
-                             f"they must match row for row")
-    else:
-        ids = np.array([str(i) for i in range(n)])
+    labels, classes, lab = _foreign_labels(where, ds, places)
+    ids, id_ds = _foreign_ids(where, ds, places)
     digest = hashlib.sha256(labels.astype("<i8").tobytes())
     for i in ids.tolist():
         digest.update(i.encode() + b"\0")
@@ -322,6 +280,69 @@ def _plan_foreign(where: str, h5, backbone, dataset, split, dtype: str):
     chunk = chunk_rows_for(dim, np.dtype(dtype).itemsize, n)
     return {"attrs": attrs, "n": n, "dim": dim, "dtype": np.dtype(dtype).name, "chunk_rows": chunk,
             "num_classes": 0}, rows
+
+
+def _foreign_features(where: str, h5, backbone, dataset, split):
+    """The file's one ``features`` dataset (samples x dims, numbers), once the cache names for it are given."""
+    import h5py
+
+    found: list = []
+    h5.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
+                  and name.rsplit("/", 1)[-1] == "features" else None)
+    if not found:
+        raise CacheError(f"{where} has no features dataset (and no groups from `backbench export`); it needs "
+                         f"`features` (samples x dims) at its root or in one group")
+    if len(found) > 1:
+        raise CacheError(f"{where} has {len(found)} features datasets ({', '.join(d.name for d in found)}); "
+                         f"import takes one per file: copy each to its own file with h5py")
+    ds = found[0]
+    missing = [f"--{k}" for k, v in (("backbone", backbone), ("dataset", dataset), ("split", split)) if not v]
+    if missing:
+        raise CacheError(f"{where} is not a `backbench export`: give {', '.join(missing)} to name its features "
+                         f"in the cache, e.g. --backbone thingsvision:clip --dataset pets --split train")
+    if ds.ndim != 2 or ds.dtype.kind not in "fiu" or not ds.shape[0]:
+        raise CacheError(f"{where}: features has shape {ds.shape} and dtype {ds.dtype}; import needs numbers, "
+                         f"one row per sample (samples x dims): pool or flatten them first")
+    return ds
+
+
+def _beside(places: list, names: tuple[str, ...]):
+    """The first dataset called one of ``names`` in the features' group, then the root; None if none."""
+    import h5py
+
+    for place in places:
+        for name in names:
+            if isinstance(place.get(name), h5py.Dataset):
+                return place[name]
+    return None
+
+
+def _foreign_labels(where: str, ds, places: list) -> tuple[np.ndarray, list[str], Any]:
+    """(integer labels, class names, the labels dataset) for the features ``ds``, row for row."""
+    n = int(ds.shape[0])
+    lab = _beside(places, LABELS)
+    if lab is None:
+        raise CacheError(f"{where} has no labels dataset (looked for {', '.join(LABELS)}); add one with an "
+                         f"integer label per row beside {ds.name}, e.g. with h5py")
+    raw = lab[()].reshape(-1) if lab.ndim == 2 and 1 in lab.shape else lab[()]
+    if np.ndim(raw) != 1 or len(raw) != n:
+        raise CacheError(f"{where}: {lab.name} has shape {np.shape(raw)} but {ds.name} has {n} rows; "
+                         f"they must match row for row")
+    labels, classes = _labels(where, lab.name, raw, _classes(places, ds))
+    return labels, classes, lab
+
+
+def _foreign_ids(where: str, ds, places: list) -> tuple[np.ndarray, Any]:
+    """(sample ids, the ids dataset) for the features ``ds``: row numbers as text where the file has none."""
+    n = int(ds.shape[0])
+    id_ds = _beside(places, IDS)
+    if id_ds is None:
+        return np.array([str(i) for i in range(n)]), None
+    ids = _strings(id_ds)
+    if len(ids) != n:
+        raise CacheError(f"{where}: {id_ds.name} has {len(ids)} entries but {ds.name} has {n} rows; "
+                         f"they must match row for row")
+    return ids, id_ds
 
 
 def _classes(places: list, ds) -> list[str] | None:

@@ -19,6 +19,7 @@ import numpy as np
 from backbench.errors import CacheError, DamagedGroup, IncompleteGroup
 from backbench.store.chunks import (CHECKSUM, as_crc, chunk_checksum, is_local, missing_chunks, read_rows,
                                     write_rows)
+from backbench.store.structure import array_specs, structure_problem
 
 CHUNK_BYTES = 4 << 20  # ~4 MiB of features per row chunk (measured: bench/extract.py)
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocess", "feature_kind", "dataset_fingerprint", "dtype")
@@ -62,20 +63,8 @@ class FeatureGroup:
         meta = {**attrs, "n": n, "dim": dim, "dtype": np_dtype.name, "chunk_rows": rows, "checksum": CHECKSUM,
                 "n_chunks": n_chunks, "complete": n == 0, "chunks_complete": []}
         meta["cache_key"] = cache_key(meta)
-        common = {"chunks": (rows,), "dimension_names": ["sample"]}
-        arrays = {
-            "features": dict(shape=(n, dim), dtype=np_dtype, chunks=(rows, dim), compressors=None, fill_value=0,
-                             dimension_names=["sample", "feature"]),
-            "labels": dict(shape=(n,), dtype="int64", fill_value=-1, compressors=None, **common),
-            "ids": dict(shape=(n,), dtype=str, fill_value="", compressors=None, **common),
-            "chunk_checksum": dict(shape=(n_chunks,), dtype="int64", chunks=(1,), fill_value=-1, compressors=None,
-                                   dimension_names=["chunk"]),
-        }
-        if num_classes:
-            arrays["logits"] = dict(shape=(n, num_classes), dtype=np_dtype, chunks=(rows, num_classes), fill_value=0,
-                                    dimension_names=["sample", "class"])
         node = root.create_group(path, overwrite=True, attributes=meta)
-        _create_arrays(node, arrays)
+        _create_arrays(node, array_specs(n, dim, num_classes, np_dtype, rows))
         return cls(node)
 
     # ---------------------------------------------------------------- metadata
@@ -352,39 +341,6 @@ class FeatureGroup:
                 "features": a.get("feature_kind", "pooled"), "n": a["n"], "dim": a["dim"], "dtype": a["dtype"],
                 "rows_done": self.rows_done(), "complete": self.is_complete, "logits": self.has_logits,
                 "path": self.path}
-
-
-def structure_problem(group: FeatureGroup) -> str | None:
-    """What is wrong with the group's structure (attributes against arrays), or None."""
-    a = group.attrs
-    for key in ("n", "dim", "chunk_rows", "n_chunks"):
-        if type(a.get(key)) is not int or a[key] < (1 if key in ("dim", "chunk_rows") else 0):
-            return f"attribute {key!r} is {a.get(key)!r}, not a count"
-    if not isinstance(a.get("classes", []), list):
-        return f"attribute 'classes' is {a.get('classes')!r}, not a list"
-    for key in ("backbone", "dataset", "split", "dtype"):
-        if not isinstance(a.get(key), str):
-            return f"attribute {key!r} is {a.get(key)!r}, not a name"
-    if a.get("checksum", "crc32") not in ("crc32", "crc32c"):
-        return f"attribute 'checksum' is {a.get('checksum')!r}, not crc32c"
-    n, rows = a["n"], a["chunk_rows"]
-    if a["n_chunks"] != -(-n // rows):
-        return f"attributes n={n}, chunk_rows={rows} and n_chunks={a['n_chunks']} disagree ({-(-n // rows)} chunks)"
-    want = {"features": ((n, a["dim"]), a["dtype"], rows, "n, dim"), "labels": ((n,), "int64", rows, "n"),
-            "ids": ((n,), None, rows, "n"), "chunk_checksum": ((a["n_chunks"],), None, 1, "n_chunks")}
-    if group.has_logits:
-        want["logits"] = (None, a["dtype"], rows, "n")
-    for name, (shape, dtype, chunk, keys) in want.items():
-        arr = group.array(name)
-        if shape is not None and tuple(arr.shape) != shape:
-            return f"attributes {keys} say shape {shape} but the {name} array has {tuple(arr.shape)}"
-        if name == "logits" and (arr.ndim != 2 or arr.shape[0] != n):
-            return f"attribute n={n} disagrees with the logits array's shape {tuple(arr.shape)}"
-        if dtype is not None and arr.dtype != np.dtype(dtype):
-            return f"attribute dtype={a['dtype']!r} disagrees with the {name} array's dtype {arr.dtype}"
-        if arr.chunks[0] != chunk:
-            return f"attribute chunk_rows={rows} disagrees with the {name} array's chunks of {arr.chunks[0]} rows"
-    return None
 
 
 def _create_arrays(node, arrays: dict[str, dict[str, Any]]) -> None:

@@ -21,13 +21,14 @@ from typing import Any, Callable
 import numpy as np
 
 from backbench.errors import CacheError, CacheMismatch
-from backbench.store.cache import RESULTS, Cache
+from backbench.store.cache import Cache
 from backbench.store.chunks import chunk_checksum
 from backbench.store.cleanup import clean_partials
 from backbench.store.group import FeatureGroup, group_key
 from backbench.store.location import Location
 from backbench.store.lock import group_locked, local_folder, locked
-from backbench.store.share import _results
+from backbench.store.results import ResultsLog, results_groups
+from backbench.store.structure import RESULTS
 from backbench.store.verify import refuse_damaged
 
 COPY_BYTES = 64 << 20  # features per write_rows call (a run of whole chunks)
@@ -231,11 +232,9 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
 
 def copy_records(sources: list[Cache], target: Cache) -> dict[str, int]:
     """Every results record of ``sources`` that ``target`` lacks (same key: same record)."""
-    from backbench.store.results import ResultsLog
-
     log, copied, present = ResultsLog(target), 0, 0
     for src in sources:
-        for name, node in _results(src):
+        for name, node in results_groups(src):
             if log.get(name) is not None:
                 present += 1
                 continue

@@ -19,12 +19,24 @@ import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from backbench.store.cache import RESULTS, Cache
+from backbench.store.cache import Cache
+from backbench.store.structure import RESULTS
 
 
 def request_key(request: dict[str, Any]) -> str:
     """A stable key for a request: task, backbone, dataset, splits, params, seed, group keys."""
     return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def results_groups(cache: Cache) -> list[tuple[str, Any]]:
+    """(key, zarr group) of each record in the cache's results log; [] when it has none.
+
+    The raw nodes, for the modules that copy records between caches (pack, merge) as they are.
+    """
+    try:
+        return list(cache.root[RESULTS].groups())
+    except KeyError:
+        return []
 
 
 class ResultsNotRecorded(UserWarning):

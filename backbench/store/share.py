@@ -17,11 +17,13 @@ from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
 from backbench.errors import CacheError, CacheMismatch, IncompleteGroup
-from backbench.store.cache import RESULTS, Cache, default_cache_path, group_path_ok
+from backbench.store.cache import Cache, default_cache_path
 from backbench.store.cleanup import clean_partials, clean_staging, partial_name, staging_dir
 from backbench.store.group import group_key
 from backbench.store.location import Location
 from backbench.store.lock import group_locked
+from backbench.store.results import results_groups
+from backbench.store.structure import RESULTS, group_path_ok
 from backbench.store.verify import incomplete, refuse_damaged, verify
 
 MANIFEST = "backbench-pack.json"
@@ -58,7 +60,8 @@ def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
             raise IncompleteGroup(f"group {g.path} is incomplete ({g.rows_done()} of {g.n} rows); finish it with "
                                   f"`backbench extract` before packing it (or merge caches instead)")
     keys = {g.attrs["cache_key"] for g in chosen}
-    records = [r for r in (dict(n.attrs) for _, n in _results(cache)) if set(r.get("groups", {}).values()) <= keys]
+    records = [r for r in (dict(n.attrs) for _, n in results_groups(cache))
+               if set(r.get("groups", {}).values()) <= keys]
     manifest = {"groups": sorted(g.path for g in chosen), "records": len(records)}
     clean_partials(target.parent, recursive=False, name=target.name)
     tmp = partial_name(target)
@@ -90,13 +93,6 @@ def _write_pack(zf: zipfile.ZipFile, root: Path, chosen: list, records: list[dic
         zf.writestr(f"{RESULTS}/{r['key']}/zarr.json", json.dumps(
             {"zarr_format": 3, "node_type": "group", "attributes": r}))
     zf.writestr(MANIFEST, json.dumps(manifest))
-
-
-def _results(cache: Cache):
-    try:
-        return list(cache.root[RESULTS].groups())
-    except KeyError:
-        return []
 
 
 def _parents(path: str) -> list[str]:
