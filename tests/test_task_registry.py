@@ -86,3 +86,24 @@ def test_requests_are_data_and_keep_the_record_keys(digits_cache):
               "val": None}, "params": {"Cs": [0.1, 1.0], "selection": "holdout-10%"}, "seed": 0,
               "groups": {s: Cache(digits_cache).group(B, "digits", s).attrs["cache_key"] for s in ("train", "test")}}
     assert rec["key"] == request_key(legacy)
+
+
+def test_one_vocabulary_old_spellings_work_with_a_note(digits_cache, run_cli):
+    """ood and shift name their splits as probe and knn do (-d, --train, --eval); the old
+    spellings (--id-dataset/--id-train/--id-test, --train DATASET:SPLIT) still run, with a note."""
+    new = ["ood", "-b", B, "-d", "digits", "--train", "train", "--eval", "test", "--open-set", "9",
+           "--scores", "msp", "--cache", digits_cache, "--json"]
+    code, out, err = run_cli(*new)
+    assert code == 0 and err == "", err
+    old = ["ood", "-b", B, "--id-dataset", "digits", "--id-train", "train", "--id-test", "test", "--open-set", "9",
+           "--scores", "msp", "--cache", digits_cache, "--json"]
+    code, out_old, err = run_cli(*old)
+    assert code == 0 and "--id-train is now --train" in err
+    assert json.loads(out_old)[0]["key"] == json.loads(out)[0]["key"]
+    code, out, err = run_cli("shift", "-b", B, "-d", "digits", "--train", "train", "--eval", "test",
+                             "--shifted", "digits:val", "--cache", digits_cache, "--json")
+    assert code == 0 and err == "", err
+    code, out_old, err = run_cli("shift", "-b", B, "--train", "digits:train", "--eval", "digits:test",
+                                 "--shifted", "digits:val", "--cache", digits_cache, "--json")
+    assert code == 0 and "is now -d DATASET --train SPLIT" in err
+    assert json.loads(out_old)["key"] == json.loads(out)["key"]

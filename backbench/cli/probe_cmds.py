@@ -7,14 +7,12 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, err, table
+from backbench.cli import CacheOpt, JsonOpt, app, emit_json, err, table
+from backbench.cli.task_cmds import Common, emit_records, run_request, task_command
 from backbench.errors import OptionError
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help="Backbone name as extracted.")
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name in the cache.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-ForceOpt = typer.Option(False, "--force", help="Recompute even if the results log has this record.")
-CompleteOpt = typer.Option(False, "--complete-only", help="Use the finished rows of an incomplete group.")
 
 
 def parse_grid(text: Optional[List[str]]) -> Optional[list[float]]:
@@ -34,12 +32,6 @@ def parse_grid(text: Optional[List[str]]) -> Optional[list[float]]:
     return grid
 
 
-def probe_device(device: str) -> str:
-    from backbench.device import resolve_device
-
-    return resolve_device(device)
-
-
 def _metrics_row(record: dict, reused: bool) -> dict:
     m = record["metrics"]
     return {"task": record["task"], "shots": record["params"].get("shots", "all"), "seed": record["seed"],
@@ -48,6 +40,7 @@ def _metrics_row(record: dict, reused: bool) -> dict:
 
 
 @app.command()
+@task_command
 def probe(
     backbone: str = BackboneOpt,
     dataset: str = DatasetOpt,
@@ -57,42 +50,36 @@ def probe(
     C: Optional[List[str]] = typer.Option(None, "--C", help="C grid: 0.01 0.1 1, or log:-4:4:13."),
     shots: Optional[List[int]] = typer.Option(None, "--shots", help="Few-shot: K images per class, e.g. 1 2 4 8 16."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Few-shot draws per K."),
-    device: str = DeviceOpt,
-    force: bool = ForceOpt,
-    complete_only: bool = CompleteOpt,
-    features: Optional[str] = FeaturesOpt,
-    memory_limit: Optional[str] = MemoryOpt,
-    cache: Optional[str] = CacheOpt,
-    json_: bool = JsonOpt,
+    common: Common = None,
 ) -> None:
     """Linear probe (L2 logistic regression, C swept) or few-shot probe on cached features.
 
     Example:  backbench probe -b timm:resnet18@random -d digits --train train --eval test --shots 1 5 10
     """
-    from backbench.cli.task_cmds import run_request
     from backbench.probe.tasks import summarize_few_shot
 
     grid = parse_grid(C)  # a typing mistake is told before the cache is opened
     params = {"C": grid, **({"shots": shots, "seeds": seeds} if shots else {})}
-    pairs = run_request("fewshot" if shots else "probe", cache, backbone, dataset,
-                        {"train": train, "eval": eval_, "val": val}, params, features=features, device=device,
-                        memory_limit=memory_limit, force=force, complete_only=complete_only)
-    if json_:
-        return emit_json([{**r, "reused": reused} for r, reused in pairs])
-    if pairs and pairs[0][0]["task"] == "probe-multilabel":
-        r, reused = pairs[0]
-        m = r["metrics"]
-        table([{"label": k, "auroc": v, "eval_positives": m["positives_eval"].get(k)} for k, v in m["auroc"].items()],
-              ["label", "auroc", "eval_positives"],
-              title=f"{backbone} on {dataset} (multi-label, one-vs-rest): mean_auroc {m['mean_auroc']:.4f}, "
-                    f"mean_ap {m['mean_ap']:.4f}, C {r['chosen_C']:g}" + (" (reused)" if reused else ""))
+    pairs = run_request("fewshot" if shots else "probe", common, backbone, dataset,
+                        {"train": train, "eval": eval_, "val": val}, params)
+    if emit_records(pairs, common):
         return
+    if pairs and pairs[0][0]["task"] == "probe-multilabel":
+        return _multilabel_table(*pairs[0], backbone, dataset)
     table([_metrics_row(r, reused) for r, reused in pairs],
           ["task", "shots", "seed", "C", "top1", "top5", "mean_per_class", "log_loss", "ece", "reused"],
           title=f"{backbone} on {dataset}: train {train}, eval {eval_}")
     if shots:
         table(summarize_few_shot([r for r, _ in pairs]), ["shots", "top1_mean", "top1_std", "seeds"],
               title="few-shot top-1, mean ± std over seeds")
+
+
+def _multilabel_table(r: dict, reused: bool, backbone: str, dataset: str) -> None:
+    m = r["metrics"]
+    table([{"label": k, "auroc": v, "eval_positives": m["positives_eval"].get(k)} for k, v in m["auroc"].items()],
+          ["label", "auroc", "eval_positives"],
+          title=f"{backbone} on {dataset} (multi-label, one-vs-rest): mean_auroc {m['mean_auroc']:.4f}, "
+                f"mean_ap {m['mean_ap']:.4f}, C {r['chosen_C']:g}" + (" (reused)" if reused else ""))
 
 
 @app.command()
@@ -139,6 +126,7 @@ def _main_metric(r: dict) -> str:
 
 
 @app.command()
+@task_command
 def knn(
     backbone: str = BackboneOpt,
     dataset: str = DatasetOpt,
@@ -148,26 +136,17 @@ def knn(
     temperature: float = typer.Option(0.07, "--temperature", help="Vote weight exp(sim / T)."),
     shots: Optional[List[int]] = typer.Option(None, "--shots", help="Few-shot: K train images per class."),
     seeds: int = typer.Option(3, "--seeds", min=1),
-    device: str = DeviceOpt,
-    force: bool = ForceOpt,
-    complete_only: bool = CompleteOpt,
-    features: Optional[str] = FeaturesOpt,
-    memory_limit: Optional[str] = MemoryOpt,
-    cache: Optional[str] = CacheOpt,
-    json_: bool = JsonOpt,
+    common: Common = None,
 ) -> None:
     """Weighted kNN classification (DINO's vote, cosine similarity, faiss) on cached features.
 
     Example:  backbench knn -b timm:resnet18@random -d digits --train train --eval test -k 10 20
     """
-    from backbench.cli.task_cmds import run_request
-
     params = {"k": k, "temperature": temperature, **({"shots": shots, "seeds": seeds} if shots else {})}
-    pairs = run_request("knn-fewshot" if shots else "knn", cache, backbone, dataset, {"train": train, "eval": eval_},
-                        params, features=features, device=device, memory_limit=memory_limit, force=force,
-                        complete_only=complete_only)
-    if json_:
-        return emit_json([{**r, "reused": reused} for r, reused in pairs])
+    pairs = run_request("knn-fewshot" if shots else "knn", common, backbone, dataset,
+                        {"train": train, "eval": eval_}, params)
+    if emit_records(pairs, common):
+        return
     # the ks actually used: a k beyond the gallery is reported as the gallery's size
     ks = sorted({x for r, _ in pairs for x in r.get("ks_used", r["params"]["ks"])})
     rows = [{"shots": r["params"].get("shots", "all"), "seed": r["seed"], "reused": reused,
@@ -189,6 +168,7 @@ def _clip_note(records: list[dict]) -> str:
 
 
 @app.command()
+@task_command
 def retrieve(
     backbone: str = BackboneOpt,
     dataset: str = DatasetOpt,
@@ -196,28 +176,19 @@ def retrieve(
     gallery: str = typer.Option(..., "--gallery", help="Split to search (same split: self excluded)."),
     ks: Optional[List[int]] = typer.Option(None, "--ks", help="Cut-offs for P@k and R@k, e.g. 1 5 10."),
     index: str = typer.Option("flat", "--index", help="flat (exact), ivf or hnsw (approximate)."),
-    device: str = DeviceOpt,
-    force: bool = ForceOpt,
-    complete_only: bool = CompleteOpt,
-    features: Optional[str] = FeaturesOpt,
-    memory_limit: Optional[str] = MemoryOpt,
-    cache: Optional[str] = CacheOpt,
-    json_: bool = JsonOpt,
+    common: Common = None,
 ) -> None:
     """Image retrieval (relevant = same label): mAP, precision@k, recall@k, MRR.
 
     Example:  backbench retrieve -b timm:resnet18@random -d digits --query test --gallery train --ks 1 5 10
     """
-    from backbench.cli.task_cmds import run_request
-
     if index not in ("flat", "ivf", "hnsw"):
         raise OptionError(f"--index {index!r}: use flat, ivf or hnsw")
-    ((record, reused),) = run_request("retrieval", cache, backbone, dataset, {"train": gallery, "eval": query},
-                                      {"ks": ks, "index": index}, features=features, device=device,
-                                      memory_limit=memory_limit, force=force, complete_only=complete_only)
-    if json_:
-        return emit_json({**record, "reused": reused})
-    m = record["metrics"]
-    rows = [{"metric": key, "value": value} for key, value in m.items() if isinstance(value, float)]
+    pairs = run_request("retrieval", common, backbone, dataset, {"train": gallery, "eval": query},
+                        {"ks": ks, "index": index})
+    if emit_records(pairs, common, one=True):
+        return
+    ((record, reused),) = pairs
+    rows = [{"metric": key, "value": value} for key, value in record["metrics"].items() if isinstance(value, float)]
     table(rows, ["metric", "value"], title=f"retrieval {backbone} on {dataset}: {query} -> {gallery}"
           + (" (reused)" if reused else ""))

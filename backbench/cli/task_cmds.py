@@ -3,25 +3,70 @@ command for each registered task that has no hand-written one (a new task needs 
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, List, Mapping, Optional
 
 import typer
 
 from backbench.cli import CacheOpt, FeaturesOpt, JsonOpt, MemoryOpt, app, emit_json, table
 
 
-def run_request(task: str, cache: Optional[str], backbone: str, dataset: str, splits: Mapping[str, Optional[str]],
-                params: Mapping[str, Any], *, features: Optional[str], device: str, memory_limit: Optional[str],
-                force: bool, complete_only: bool) -> list[tuple[dict, bool]]:
+@dataclass(frozen=True)
+class Common:
+    """The options every task command shares, gathered by :func:`task_command`."""
+
+    device: str = "auto"
+    force: bool = False
+    complete_only: bool = False
+    features: Optional[str] = None
+    memory_limit: Optional[str] = None
+    cache: Optional[str] = None
+    json: bool = False
+
+
+_COMMON = [("device", str, typer.Option("auto", "--device", help="auto, cpu or cuda.")),
+           ("force", bool, typer.Option(False, "--force", help="Recompute even if the results log has this record.")),
+           ("complete_only", bool, typer.Option(False, "--complete-only",
+                                                help="Use the finished rows of an incomplete group.")),
+           ("features", Optional[str], FeaturesOpt), ("memory_limit", Optional[str], MemoryOpt),
+           ("cache", Optional[str], CacheOpt), ("json_", bool, JsonOpt)]
+
+
+def task_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func(..., common: Common)`` as a typer command: its own options, then the shared ones
+    (device, force, complete-only, features, memory-limit, cache, json), declared once here."""
+    own = [p for p in inspect.signature(func).parameters.values() if p.name != "common"]
+    shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in _COMMON]
+
+    @functools.wraps(func)
+    def command(**kw: Any) -> Any:
+        common = Common(**{("json" if n == "json_" else n): kw.pop(n) for n, _, _ in _COMMON})
+        return func(**kw, common=common)
+
+    command.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared)
+    return command
+
+
+def run_request(task: str, common: Common, backbone: str, dataset: str, splits: Mapping[str, Optional[str]],
+                params: Mapping[str, Any]) -> list[tuple[dict, bool]]:
     """Build the request (checked against the task's schema before the cache is opened) and run it."""
     from backbench.device import resolve_device
     from backbench.store import Cache
     from backbench.tasks.base import RunOptions, get_task, run_task
 
-    request = get_task(task).request(backbone, dataset, splits, params=params, features=features)
-    options = RunOptions(resolve_device(device), memory_limit, force, complete_only)
-    return run_task(Cache(cache, mode="r+"), request, options)
+    request = get_task(task).request(backbone, dataset, splits, params=params, features=common.features)
+    options = RunOptions(resolve_device(common.device), common.memory_limit, common.force, common.complete_only)
+    return run_task(Cache(common.cache, mode="r+"), request, options)
+
+
+def emit_records(pairs: list[tuple[dict, bool]], common: Common, one: bool = False) -> bool:
+    """``--json``: the records (with ``reused``) as JSON; returns whether it printed them."""
+    if common.json:
+        rows = [{**r, "reused": reused} for r, reused in pairs]
+        emit_json(rows[0] if one and rows else rows)
+    return common.json
 
 
 def _value(text: str) -> Any:
@@ -36,19 +81,16 @@ def _value(text: str) -> Any:
 
 def _command(task) -> Any:
     """A typer command for ``task``: its split roles and parameters as options."""
-    def command(**kw: Any) -> None:
+    def command(common: Common, **kw: Any) -> None:
         splits = {r: kw.pop(r) for r in (*task.roles, *task.optional_roles)}
-        params = {k: kw.pop(k) for k in task.params}
         params = {k: ([_value(x) for x in v] if isinstance(v, list) else _value(v)) if v is not None else None
-                  for k, v in params.items()}
-        json_ = kw.pop("json_")
-        pairs = run_request(task.name, kw.pop("cache"), kw.pop("backbone"), kw.pop("dataset"), splits, params, **kw)
-        if json_:
-            return emit_json([{**r, "reused": reused} for r, reused in pairs])
+                  for k, v in kw.items() if k in task.params}
+        pairs = run_request(task.name, common, kw["backbone"], kw["dataset"], splits, params)
+        if emit_records(pairs, common):
+            return
         rows = [{"task": r["task"], "seed": r["seed"], "metric": k, "value": v, "reused": reused}
                 for r, reused in pairs for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))]
-        table(rows, ["task", "seed", "metric", "value", "reused"], title=f"{task.name} {pairs[0][0]['backbone']}"
-              if pairs else task.name)
+        table(rows, ["task", "seed", "metric", "value", "reused"], title=task.name)
 
     opt = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("backbone", opt, default=typer.Option(..., "--backbone", "-b"), annotation=str),
@@ -61,17 +103,12 @@ def _command(task) -> Any:
         params.append(inspect.Parameter(name, opt, annotation=Optional[List[str]] if many else Optional[str],
                                         default=typer.Option(None, f"--{name.replace('_', '-')}",
                                                              help=f"{p.what} (default: {p.default})")))
-    params += [inspect.Parameter("device", opt, default=typer.Option("auto", "--device"), annotation=str),
-               inspect.Parameter("force", opt, default=typer.Option(False, "--force"), annotation=bool),
-               inspect.Parameter("complete_only", opt, default=typer.Option(False, "--complete-only"), annotation=bool),
-               inspect.Parameter("features", opt, default=FeaturesOpt, annotation=Optional[str]),
-               inspect.Parameter("memory_limit", opt, default=MemoryOpt, annotation=Optional[str]),
-               inspect.Parameter("cache", opt, default=CacheOpt, annotation=Optional[str]),
-               inspect.Parameter("json_", opt, default=JsonOpt, annotation=bool)]
-    command.__signature__ = inspect.Signature(params)  # typer reads the options from here
+    params.append(inspect.Parameter("common", opt, annotation=Common))
+    command.__signature__ = inspect.Signature(params)
     roles = " ".join(f"--{r} SPLIT" for r in task.roles)
     command.__doc__ = f"{task.help or task.name}\n\nExample:  backbench {task.name} -b BACKBONE -d DATASET {roles}"
-    return command
+    command.__name__ = task.name.replace("-", "_")
+    return task_command(command)
 
 
 def add_task_commands() -> None:
