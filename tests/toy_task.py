@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from backbench.probe.tasks import read_splits
-from backbench.store.results import ResultsLog
 from backbench.tasks import Param, Task, register
-from backbench.tasks.base import NUMBER
+from backbench.tasks.base import NUMBER, logged
 
 
 def centroid_top1(X: np.ndarray, y: np.ndarray, Xe: np.ndarray, ye: np.ndarray, shrink: float) -> float:
@@ -27,8 +26,8 @@ def _run(cache, request, options):
     tr, ev = read_splits(cache, request, options, ("train", "eval"))
     record = request.record({tr.name: tr.key, ev.name: ev.key}, splits={"train": tr.name, "eval": ev.name})
     shrink = float(request.params["shrink"])
-    return [ResultsLog(cache).run(record, lambda: {"metrics": {"top1": centroid_top1(tr.X, tr.y, ev.X, ev.y, shrink)}},
-                                  force=options.force)]
+    return [logged(cache, request, record, lambda: {"metrics": {"top1": centroid_top1(tr.X, tr.y, ev.X, ev.y, shrink)}},
+                   options)]
 
 
 CENTROID = register(Task("centroid", _run, {"shrink": Param(1.0, *NUMBER)}, metric="top1",

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from backbench.errors import ProbeInputError
-from backbench.tasks.base import CS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, register, run_task
+from backbench.tasks.base import (CS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, logged, register,
+                                  run_task)
 
 
 def label_matrix(masks: np.ndarray, n_labels: int) -> np.ndarray:
@@ -76,8 +77,7 @@ def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[
 
     from backbench.probe.linear import default_Cs
     from backbench.probe.tasks import read_splits
-    from backbench.store.results import ResultsLog
-
+    
     Cs = [float(c) for c in (request.params.get("C") or default_Cs())]
     tr, ev, vl = read_splits(cache, request, options, multilabel=True)
     names, K = tr.classes, len(tr.classes)
@@ -98,7 +98,7 @@ def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[
                             "labels_scored": [names[k] for k in per], "n_labels": K,
                             "positives_eval": {names[k]: int(Ye[:, k].sum()) for k in range(K)}}}
 
-    return [ResultsLog(cache).run(record, compute, force=options.force)]
+    return [logged(cache, request, record, compute, options)]
 
 
 MULTILABEL = register(Task("probe-multilabel", _multilabel_probe, {"C": Param(None, *CS)}, optional_roles=("val",),

@@ -11,9 +11,8 @@ from typing import Any, Sequence
 from backbench.probe.data import Split, check_same_backbone, load_split
 from backbench.probe.tasks import read_splits
 from backbench.store.cache import Cache
-from backbench.store.results import ResultsLog
 from backbench.tasks.base import (INTS, NUMBER, POS_INT, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest,
-                                  one_of, register, run_task)
+                                  logged, one_of, register, run_task)
 
 MAIN_K = 20
 
@@ -41,12 +40,12 @@ def _knn(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[
 
     ks, temperature = sorted({int(k) for k in request.params["k"]}), float(request.params["temperature"])
     tr, ev = read_splits(cache, request, options, ("train", "eval"))
-    log, n_classes = ResultsLog(cache), len(tr.classes)
+    n_classes = len(tr.classes)
     params, groups = {"ks": ks, "temperature": temperature}, {tr.name: tr.key, ev.name: ev.key}
     if request.task == "knn":
         record = request.record(groups, params=params)
-        return [log.run(record, lambda: _knn_metrics(tr.X, tr.y, ev, ks, temperature, n_classes, options.device),
-                        force=options.force)]
+        return [logged(cache, request, record,
+                       lambda: _knn_metrics(tr.X, tr.y, ev, ks, temperature, n_classes, options.device), options)]
     out = []
     for k in request.params["shots"]:
         for seed in range(request.params["seeds"]):
@@ -57,7 +56,7 @@ def _knn(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[
                 return {"train_rows": idx.tolist(),
                         **_knn_metrics(tr.X[idx], tr.y[idx], ev, ks, temperature, n_classes, options.device)}
 
-            out.append(log.run(record, compute, force=options.force))
+            out.append(logged(cache, request, record, compute, options))
     return out
 
 
@@ -87,7 +86,7 @@ def _retrieval(cache: Cache, request: TaskRequest, options: RunOptions) -> list[
         return {"metrics": retrieval_metrics(q.X, q.y, gallery_X, g.y, ks=ks, exclude_self=same, index=index,
                                              device=options.device)}
 
-    return [ResultsLog(cache).run(record, compute, force=options.force)]
+    return [logged(cache, request, record, compute, options)]
 
 
 _K = {"k": Param([10, 20, 100, 200], *INTS), "temperature": Param(0.07, *NUMBER)}

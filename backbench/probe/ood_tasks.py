@@ -15,9 +15,8 @@ from backbench.errors import ProbeInputError
 from backbench.probe.data import Split, check_same_backbone, load_split
 from backbench.probe.tasks import read_splits
 from backbench.store.cache import Cache
-from backbench.store.results import ResultsLog
-from backbench.tasks.base import (NAMES, REFS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, register,
-                                  run_task)
+from backbench.tasks.base import (NAMES, REFS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, logged,
+                                  register, run_task)
 
 DEFAULT_SCORES = ("knn", "msp", "maxlogit", "energy", "mahalanobis", "relative_mahalanobis", "vim", "cosine")
 PRIMARY = "knn"  # the leaderboard's OOD number: Sun et al.'s label-free KNN distance
@@ -116,7 +115,7 @@ def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[Re
         primary = PRIMARY if PRIMARY in metrics else scores[0]
         return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"]}}
 
-    return ResultsLog(cache).run(record, compute, force=options.force)
+    return logged(cache, request, record, compute, options)
 
 
 def _open_set(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[Record, bool]:
@@ -140,7 +139,7 @@ def _open_set(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[
         return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"],
                             "n_id": int(id_te.sum()), "n_ood": int((~id_te).sum())}}
 
-    return ResultsLog(cache).run(record, compute, force=options.force)
+    return logged(cache, request, record, compute, options)
 
 
 def _subset_accuracy(probe, split: Split, train_classes: list[str]) -> dict[str, Any]:
@@ -192,7 +191,7 @@ def _shift(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tupl
         return {"chosen_C": sweep.best_C, "metrics": {"id_top1": id_acc, "shifted": per, "shifted_top1": mean,
                                                       "gap": id_acc - mean}}
 
-    return [ResultsLog(cache).run(record, compute, force=options.force)]
+    return [logged(cache, request, record, compute, options)]
 
 
 OOD = register(Task("ood", _ood, {"ood": Param(None, *REFS, refs=True), "open_set": Param(None, *NAMES),

@@ -14,9 +14,8 @@ import numpy as np
 from backbench.errors import ProbeInputError
 from backbench.probe.data import Split, check_same_backbone, check_same_classes, load_split
 from backbench.store.cache import Cache
-from backbench.store.results import ResultsLog
 from backbench.tasks.base import (CS, INTS, POS_INT, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest,
-                                  register, run_task)
+                                  logged, register, run_task)
 
 
 def load_pair(cache: Cache, backbone: str, dataset: str, train: str, evals: Sequence[str], *,
@@ -100,7 +99,7 @@ def _probe(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tupl
                 "standardization": {"mean_norm": float(np.linalg.norm(model.mean_)),
                                     "scale_mean": float(np.mean(model.scale_))}}
 
-    return [ResultsLog(cache).run(record, compute, force=options.force)]
+    return [logged(cache, request, record, compute, options)]
 
 
 def _few_shot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
@@ -109,7 +108,7 @@ def _few_shot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
 
     Cs = _grid(request)
     tr, ev, vl = read_splits(cache, request, options)
-    log, out = ResultsLog(cache), []
+    out = []
     for k in request.params["shots"]:
         for seed in range(request.params["seeds"]):
             record = request.record(_groups([tr, ev, vl]), seed=seed, params={"Cs": Cs, "shots": int(k)})
@@ -119,7 +118,7 @@ def _few_shot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
                 model, sweep = _fit(tr.X[idx], tr.y[idx], Cs, vl, seed, options.device)
                 return {"chosen_C": sweep.best_C, "train_rows": idx.tolist(), "metrics": _evaluate(model, ev)}
 
-            out.append(log.run(record, compute, force=options.force))
+            out.append(logged(cache, request, record, compute, options))
     return out
 
 

@@ -193,6 +193,16 @@ def run_task(cache: Any, request: TaskRequest, options: RunOptions | None = None
     return get_task(request.task).run(cache, request, options or RunOptions())
 
 
+def logged(cache: Any, request: TaskRequest, record: Record, compute: Callable[[], Record],
+           options: RunOptions) -> tuple[Record, bool]:
+    """The results log's record for ``record`` (its key): reused unless ``options.force``, else
+    computed and logged; a new record also carries the request's feature spec as its own field."""
+    from backbench.store.results import ResultsLog
+
+    return ResultsLog(cache).run(record, lambda: {"features": request.features.spec, **compute()},
+                                 force=options.force)
+
+
 def main_metric(task: str) -> str | None:
     """The metric a record of ``task`` (a task or record name) is ranked by, or None."""
     for t in _builtin().values():
