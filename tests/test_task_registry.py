@@ -54,8 +54,9 @@ def test_a_task_in_one_file_runs_through_cli_battle_and_api(digits_cache, tmp_pa
     summary = run_battle(parse_config(raw), cache)
     assert not summary.failed, [r.message for r in summary.failed]
     (rec,) = [r for r in ResultsLog(cache).records() if r["task"] == "centroid"]
-    board = backbench.report(cache, format="json")
-    assert "centroid:digits" in json.loads(board)["columns"]
+    board = json.loads(backbench.report(cache, format="json"))
+    assert "centroid:digits" in board["columns"]
+    assert rec["features"] == "pooled" and board["features"] == {"timm:test_resnet@random": "pooled"}
 
 
 def test_registry_lists_the_built_in_tasks_with_schemas():

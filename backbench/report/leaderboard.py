@@ -40,6 +40,7 @@ class Leaderboard:
     spearman: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     fewshot: dict[str, dict[int, float]] = field(default_factory=dict)
     provenance: list[dict[str, Any]] = field(default_factory=list)
+    features: dict[str, str | None] = field(default_factory=dict)  # row -> feature spec its records read
 
     @property
     def missing(self) -> list[tuple[str, str]]:
@@ -83,7 +84,7 @@ class Leaderboard:
                 "missing": [{"backbone": b, "column": c} for b, c in self.missing], "notes": self.notes(),
                 "spearman": {"tasks": self.tasks, "matrix": [[_num(v) for v in r] for r in self.spearman]},
                 "fewshot": {b: {str(k): v for k, v in c.items()} for b, c in self.fewshot.items()},
-                "provenance": self.provenance}
+                "provenance": self.provenance, "features": self.features}
 
 
 def _num(v: float) -> float | None:
@@ -151,6 +152,8 @@ def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
     lb.spearman = task_spearman(lb.task_z)
     lb.fewshot = {b: {k: float(np.mean(v)) for k, v in sorted(c.items())} for b, c in curves.items()}
     lb.provenance = provenance(recs)
+    lb.features = {b: next((r["features"] for r in recs if r["backbone"] == b and "features" in r), None)
+                   for b in backbones}  # None: records written before they carried it
     return lb
 
 
