@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +124,9 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
 
     from backbench.extract.decode import DeviceDecoder
     from backbench.extract.datasets import open_rgb
-    from backbench.extract.run import _collate_packed, _decode_ahead, forward_step
+    from backbench.extract.loader import collate_packed
+    from backbench.extract.prefetch import DevicePipeline
+    from backbench.extract.run import forward_step
 
     cuda = DEVICE == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -136,18 +137,17 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     bb.model.to(DEVICE, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     decoder, step = DeviceDecoder(bb.preprocess, DEVICE, None, drain=drain), forward_step(bb, DEVICE)
-    pool = ThreadPoolExecutor(max_workers=1)  # the decode thread, as extraction has it
-    side = torch.cuda.Stream(priority=-1) if cuda and overlapped else None
-    compute = torch.cuda.Stream() if cuda and overlapped else None
-    if overlapped:
-        packed = (_collate_packed([(i, d, "") for i, d in enumerate(data[j : j + batch_size], j)])
+    pipe = None
+    if overlapped:  # the decode thread and streams, as extraction has them
+        packed = (collate_packed([(i, d, "") for i, d in enumerate(data[j : j + batch_size], j)])
                   for j in range(0, len(data), batch_size))
-        batches = (x for _, x, _ in _decode_ahead(pool, packed, decoder, side, compute))
+        pipe = DevicePipeline(packed, DEVICE, decoder)
+        batches = (x for _, x, _ in pipe)
     else:
         batches = (decoder(list(range(batch_size)), data[i : i + batch_size])[0]
                    for i in range(0, len(data), batch_size))
     kept = []
-    with torch.inference_mode(), torch.cuda.stream(compute):  # no stream: the current one
+    with torch.inference_mode(), torch.cuda.stream(pipe.compute if pipe else None):  # None: the current one
         for i, x in enumerate(batches):
             if i == 2:
                 sync()
@@ -156,7 +156,8 @@ def decode_and_forward(bb, root: Path, batch_size: int, overlapped: bool = False
             if check:
                 kept.append(x.clone())
         sync()
-    pool.shutdown()
+    if pipe is not None:
+        pipe.close()
     out: dict = {"images_per_s": round((len(data) - 2 * batch_size) / (time.perf_counter() - start), 1)}
     bb.model.to("cpu")
     if check:
@@ -195,7 +196,7 @@ class _CallTimes:
     """Seconds spent in some of ``backbench.extract.run``'s set-up steps (module functions
     wrapped for the duration), and when the batch loop began, relative to ``start``."""
 
-    NAMES = ("open_source", "open_or_create", "forward_step", "_loader")
+    NAMES = ("open_source", "open_or_create", "forward_step", "make_loader")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

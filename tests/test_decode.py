@@ -17,7 +17,8 @@ from backbench.errors import BackbenchError, CacheMismatch, SampleError
 from backbench.extract.backbones import load_backbone
 from backbench.extract.datasets import Digits, ImageFolder, open_rgb
 from backbench.extract.decode import DeviceDecoder, LoaderPace, jpeg_payload
-from backbench.extract.run import _collate_packed, _Images, _unpack, extract
+from backbench.extract.loader import Images as _Images, collate_packed as _collate_packed, unpack as _unpack
+from backbench.extract.run import extract
 from backbench.store import Cache
 
 RESNET = "timm:test_resnet@random"
