@@ -130,7 +130,6 @@ def extract(
     """
     from backbench.extract.backbones import resolve
     from backbench.extract.datasets import open_source
-    from backbench.extract.run import extract as run
 
     if dtype not in ("float16", "float32"):
         raise OptionError(f"--dtype {dtype!r}: use float16 or float32")
@@ -144,22 +143,28 @@ def extract(
             open_source(data, split, download=True)
         return _launch_shards(processes)
     # the cache goes by path: extract() opens (creates) it once the backbone has loaded
-    source, store = open_source(data, split, download=download, labels=labels), cache
-    results = []
-    for name in backbones:
-        with _LazyBar(f"{name} {dataset}/{split}") as bar:
-            res = run(name, source, cache=store, dataset=dataset, split=split, batch_size=batch_size,
-                      device=device, dtype=dtype, workers=workers, limit=limit, overwrite=overwrite,
-                      chunk_rows=chunk_rows, shard=shard_at, on_error=on_error, progress=bar,
-                      decode=decode, compile=compile_, features=features, layers=layers, views=views,
-                      on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
-                                                f"group; waiting for it, then doing what is left"))
-            bar.finish(res.images_per_s)
-        results.append(res.to_dict())
-        if not json_:
-            _say_extracted(res)
+    source = open_source(data, split, download=download, labels=labels)
+    options = dict(cache=cache, dataset=dataset, split=split, batch_size=batch_size, device=device, dtype=dtype,
+                   workers=workers, limit=limit, overwrite=overwrite, chunk_rows=chunk_rows, shard=shard_at,
+                   on_error=on_error, decode=decode, compile=compile_, features=features, layers=layers, views=views)
+    results = [_extract_one(name, source, options, quiet=json_) for name in backbones]
     if json_:
         emit_json(results)
+
+
+def _extract_one(name: str, source, options: dict, quiet: bool) -> dict:
+    """One backbone's extraction under a progress bar; says what it did unless ``quiet`` (--json)."""
+    from backbench.extract.run import extract as run
+
+    dataset, split = options["dataset"], options["split"]
+    with _LazyBar(f"{name} {dataset}/{split}") as bar:
+        res = run(name, source, progress=bar, **options,
+                  on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
+                                            f"group; waiting for it, then doing what is left"))
+        bar.finish(res.images_per_s)
+    if not quiet:
+        _say_extracted(res)
+    return res.to_dict()
 
 
 def _launch_shards(n: int) -> None:
