@@ -108,3 +108,14 @@ def test_one_vocabulary_old_spellings_work_with_a_note(digits_cache, run_cli):
                                  "--shifted", "digits:val", "--cache", digits_cache, "--json")
     assert code == 0 and "is now -d DATASET --train SPLIT" in err
     assert json.loads(out_old)["key"] == json.loads(out)["key"]
+
+
+def test_dataset_defaults_from_a_builtin_data_source(tmp_path, run_cli):
+    cache = str(tmp_path / "c.zarr")
+    code, _, err = run_cli("extract", "timm:test_resnet@random", "--data", "digits", "--split", "test",
+                           "--limit", "16", "--workers", "0", "--cache", cache)
+    assert code == 0, err
+    assert Cache(cache).group("timm:test_resnet@random", "digits", "test").n == 16
+    code, _, err = run_cli("extract", "timm:test_resnet@random", "--data", f"imagefolder:{tmp_path}", "--split",
+                           "test", "--cache", cache)
+    assert code == 2 and "missing option --dataset" in err and "digits, textures" in err
