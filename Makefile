@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench gpu-wheels clean
+.PHONY: install demo test docs bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 	$(BIN)/lint-imports    # the layering rule of docs/layout.md
 	$(BIN)/python -m pytest -q
 
+# The documentation site (mkdocs-material) into site/; warnings are errors. The suite builds it
+# too (tests/test_docs.py) and runs every documented command (tests/test_doc_commands.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
@@ -41,4 +46,4 @@ gpu-wheels: $(STAMP)
 		$$($(BIN)/python -m pip freeze | grep -iE '^(zarr|numcodecs|donfig|google-crc32c)==')
 
 clean:
-	rm -rf $(VENV) features.zarr $(DEMO_CACHE) demo-report.html battle.zarr battle-report.html
+	rm -rf $(VENV) features.zarr $(DEMO_CACHE) demo-report.html battle.zarr battle-report.html site
