@@ -211,22 +211,23 @@ class Cache:
         if self.is_url:
             yield from remote_groups(self.root, self.path, self._index(), ListBudget(self.path) if bounded else None)
             return
-        seen: set[str] = set()
-        for group in self._walk():
-            seen.add(group.path)
+        seen: set[str] = set()  # every folder walked, readable or not: the index adds only the others
+        for group in self._walk(seen):
             yield group
         paths, unsafe = self._index()
         warn_unsafe(self.path, unsafe)
-        for path in sorted(set(paths) - seen - {p for p, _ in self.damaged()}):
+        for path in sorted(set(paths) - seen):
             node = self._node(path)  # None: indexed, then removed (or not part of this copy)
             if node is not None and "backbone" in node.attrs:
                 yield FeatureGroup(node)
 
-    def _walk(self) -> Iterator[FeatureGroup]:
-        """The groups of a local cache, by walking its folders; a group whose metadata cannot be
-        read is skipped with a warning (``backbench verify`` lists it: :meth:`damaged`)."""
+    def _walk(self, seen: set[str]) -> Iterator[FeatureGroup]:
+        """The groups of a local cache, by walking its folders (each path added to ``seen``); a
+        group whose metadata cannot be read is skipped with a warning (``backbench verify`` lists
+        it: :meth:`damaged`)."""
         bad = []
         for path in self._local_paths():
+            seen.add(path)
             try:
                 node = self._node(path)
             except DamagedGroup as exc:

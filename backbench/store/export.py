@@ -41,21 +41,20 @@ def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None
         h5.attrs["source_cache"] = str(cache.path)
         for group in cache.groups(bounded=False):
             group.check().check_files()
-            group.check_chunks(group.node["features"][:], group.node["labels"][:])
+            data = {name: group.node[name][:] for name in ("features", "labels", "ids", "logits", "chunk_checksum")
+                    if name in group.node}  # each array read once: checked, then written
+            group.check_chunks(data["features"], data["labels"])
             g = h5.require_group(group.path)
             for key, value in group.attrs.items():
                 g.attrs[key] = _h5_attr(value)
             g.attrs[JSON_ATTRS] = json.dumps([k for k, v in group.attrs.items() if _h5_attr(v) is not v])
-            for name in ("features", "labels", "ids", "logits", "chunk_checksum"):
-                if name not in group.node:
-                    continue
-                arr = group.node[name]
-                data = arr[:]
-                if data.dtype.kind in "OUT" or str(data.dtype).startswith("StringDType"):
-                    data = np.asarray(data, dtype=object).astype(str).astype(h5py.string_dtype())
+            for name, values in data.items():
+                arr = group.array(name)
+                if values.dtype.kind in "OUT" or str(values.dtype).startswith("StringDType"):
+                    values = np.asarray(values, dtype=object).astype(str).astype(h5py.string_dtype())
                 rows = chunk_rows or (arr.chunks[0] if arr.chunks and arr.chunks[0] else None)
-                chunks = (min(rows, len(data)),) + data.shape[1:] if rows and len(data) else None
-                ds = g.create_dataset(name, data=data, chunks=chunks)
+                chunks = (min(rows, len(values)),) + values.shape[1:] if rows and len(values) else None
+                ds = g.create_dataset(name, data=values, chunks=chunks)
                 ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names or []))
             written.append(group.path)
     return written

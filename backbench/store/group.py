@@ -318,9 +318,9 @@ class FeatureGroup:
     def logits(self, **kw: Any) -> np.ndarray | None:
         return self.read("logits", **kw) if self.has_logits else None
 
-    def check_files(self) -> FeatureGroup:
+    def check_files(self, stored: np.ndarray | None = None) -> FeatureGroup:
         """Refuse a local group whose done chunks lack a data file (zarr would read fill values)."""
-        done = np.flatnonzero(self.done_chunks()).tolist()
+        done = np.flatnonzero((self.stored_checksums() if stored is None else stored) >= 0).tolist()
         for name in ("features", "labels", "ids", "logits")[: 3 + self.has_logits]:
             if is_local(self.array(name)):
                 self._present(name, done)
@@ -335,12 +335,14 @@ class FeatureGroup:
                 raise self._damaged(f"chunk {c} fails its checksum (rows {a}:{b} changed since written)")
 
     def summary(self) -> dict[str, Any]:
-        self.check_files()
-        a = self.attrs
+        """What ``ls`` shows; the markers are read once (one request each at a URL)."""
+        stored = self.stored_checksums()
+        self.check_files(stored)
+        a, done = self.attrs, np.flatnonzero(stored >= 0)
         return {"backbone": a["backbone"], "dataset": a["dataset"], "split": a["split"],
                 "features": a.get("feature_kind", "pooled"), "n": a["n"], "dim": a["dim"], "dtype": a["dtype"],
-                "rows_done": self.rows_done(), "complete": self.is_complete, "logits": self.has_logits,
-                "path": self.path}
+                "rows_done": int(sum(end - start for start, end in map(self.chunk_bounds, done.tolist()))),
+                "complete": bool(len(done) == len(stored)), "logits": self.has_logits, "path": self.path}
 
 
 def _create_arrays(node, arrays: dict[str, dict[str, Any]]) -> None:
