@@ -74,13 +74,13 @@ class DamagedWarning(BackbenchWarning):
     """A group skipped by a listing because its metadata cannot be read (``backbench verify`` lists it)."""
 
 
-def require(module: str, package: str | None = None):
-    """Import ``module`` or raise :class:`MissingDependency` naming the pip package."""
+def require(module: str, package: str | None = None, *, extra: str | None = None):
+    """Import ``module`` or raise :class:`MissingDependency` saying what to install: backbench's
+    optional ``extra`` (``pip install 'backbench[clip]'``), else the pip ``package``."""
     import importlib
 
     try:
         return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingDependency(
-            f"{module} is not installed: run `pip install {package or module}`"
-        ) from exc
+    except ImportError as exc:
+        how = f"pip install 'backbench[{extra}]'" if extra else f"pip install {package or module}"
+        raise MissingDependency(f"{module.split('.')[0]} is not installed: run `{how}`") from exc

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from backbench.battle.config import BattleConfig, DatasetSpec
-from backbench.errors import BackbenchError
+from backbench.errors import BackbenchError, require
 from backbench.store.cache import Cache
 from backbench.tasks.base import FeatureSpec, RunOptions, get_task, run_task
 
@@ -192,7 +192,7 @@ def run_battle_dask(config: BattleConfig, cache: Cache, client, *,
     (dask reschedules it; ``retries`` more for errors raised by the task itself). The cache
     must be visible to every worker at the same path or URL.
     """
-    from dask.distributed import as_completed
+    as_completed = require("dask.distributed", extra="dask").as_completed
 
     options = _options(config, memory_limit)
     cells = plan(config)

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from backbench.cli import JsonOpt, MemoryOpt, app, clean, emit_json, err, out, table
-from backbench.errors import BackbenchError, OptionError
+from backbench.errors import BackbenchError, OptionError, require
 
 
 def report_path(cache_path: str) -> Path:
@@ -100,8 +100,9 @@ def _battle_here(cfg, store, n_cells: int, memory_limit: Optional[str]):
 def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler: Optional[str],
                     memory_limit: Optional[str]):
     """The battle's cells as tasks on a dask cluster: local (``workers``) or at ``scheduler``."""
-    import dask
-    from dask.distributed import Client, LocalCluster
+    dask = require("dask", extra="dask")
+    distributed = require("dask.distributed", extra="dask")
+    Client, LocalCluster = distributed.Client, distributed.LocalCluster
 
     from backbench.battle.run import run_battle_dask
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from backbench.errors import CacheError, CacheMismatch
+from backbench.errors import CacheError, CacheMismatch, require
 from backbench.labels import LabelRules, normalize_labels
 from backbench.store.cache import Cache
 from backbench.store.chunks import as_crc
@@ -32,7 +32,7 @@ def _h5_attr(value: Any) -> Any:
 
 def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None) -> list[str]:
     """Copy every group of ``cache`` into the HDF5 file ``target``; returns the group paths."""
-    import h5py
+    h5py = require("h5py", extra="h5")
 
     written = []
     refuse_damaged(cache)
@@ -164,7 +164,7 @@ def _import_conflict(where: str, what: str) -> CacheMismatch:
 
 
 def _exported_groups(h5) -> list:
-    import h5py
+    h5py = require("h5py", extra="h5")
 
     found: list = []
 
@@ -207,7 +207,7 @@ def _decode_attrs(attrs) -> dict[str, Any]:
 
 
 def _strings(ds) -> np.ndarray:
-    import h5py
+    h5py = require("h5py", extra="h5")
 
     if h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind in "SO":
         return np.asarray(ds.asstr()[()], dtype=object).reshape(-1).astype(str)
@@ -283,7 +283,7 @@ def _plan_foreign(where: str, h5, backbone, dataset, split, dtype: str):
 
 def _foreign_features(where: str, h5, backbone, dataset, split):
     """The file's one ``features`` dataset (samples x dims, numbers), once the cache names for it are given."""
-    import h5py
+    h5py = require("h5py", extra="h5")
 
     found: list = []
     h5.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
@@ -307,7 +307,7 @@ def _foreign_features(where: str, h5, backbone, dataset, split):
 
 def _beside(places: list, names: tuple[str, ...]):
     """The first dataset called one of ``names`` in the features' group, then the root; None if none."""
-    import h5py
+    h5py = require("h5py", extra="h5")
 
     for place in places:
         for name in names:
@@ -346,7 +346,7 @@ def _foreign_ids(where: str, ds, places: list) -> tuple[np.ndarray, Any]:
 
 def _classes(places: list, ds) -> list[str] | None:
     """Class names from a ``classes`` attribute (of the features, their group or the root) or dataset."""
-    import h5py
+    h5py = require("h5py", extra="h5")
 
     for obj in [ds, *places]:
         if "classes" in obj.attrs:

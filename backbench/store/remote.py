@@ -15,7 +15,7 @@ import warnings
 from typing import Any, Iterator
 from urllib.parse import unquote
 
-from backbench.errors import BackbenchError, BackbenchWarning, CacheError, MissingDependency
+from backbench.errors import BackbenchError, BackbenchWarning, CacheError, MissingDependency, require
 from backbench.store.group import FeatureGroup
 from backbench.store.location import READ_ONLY_SCHEMES
 from backbench.store.structure import RESULTS, part_ok
@@ -45,7 +45,7 @@ def check_filesystem(scheme: str) -> None:
 def inside(url: str, root: str) -> bool:
     """True when ``url`` names ``root`` or a key below it: same scheme, host and port, a path under
     root's, and no ``.``/``..`` part, backslash or leftover escape once decoded."""
-    import yarl
+    yarl = require("yarl", extra="remote")
 
     raw, base = yarl.URL(url, encoded=False), yarl.URL(root.rstrip("/"), encoded=False)
     parts = unquote(url.split("?", 1)[0].split("#", 1)[0]).split("/")[3:]  # after scheme://host/

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from backbench.errors import BackboneNotFound, WeightsError
+from backbench.errors import BackboneNotFound, WeightsError, require
 from backbench.extract.backbones.hub import hub_or_offline, loading
 from backbench.extract.backbones.registry import LOCAL, Backbone, BackboneSpec, register_source
 from backbench.extract.backbones.weights import IMAGENET_MEAN, IMAGENET_STD, crop_pct
@@ -121,7 +121,7 @@ def preprocess_of(processor: Any, config: Any) -> tuple[Preprocess, str]:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence transformers' progress bars and info logging while loading (restored after)."""
-    from transformers.utils import logging as hf_logging
+    hf_logging = require("transformers.utils.logging", extra="hf")
 
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
@@ -136,7 +136,7 @@ def _quiet() -> Iterator[None]:
 
 def _custom_code(repo: str, files: tuple[str, ...]) -> list[str]:
     """What the ``auto_map`` of these config files of the repo names: Python code in the repo."""
-    from transformers.utils import cached_file
+    cached_file = require("transformers.utils", extra="hf").cached_file
 
     names: list[str] = []
     for file in files:
@@ -183,7 +183,7 @@ def _strip_prefix(sd: dict[str, Any], model: Any) -> dict[str, Any]:
 
 
 def _config(spec: BackboneSpec, repo: str, where: str, why: str) -> Any:
-    from transformers import AutoConfig
+    AutoConfig = require("transformers", extra="hf").AutoConfig
 
     try:
         return AutoConfig.from_pretrained(repo, trust_remote_code=False)
@@ -199,7 +199,7 @@ def _config(spec: BackboneSpec, repo: str, where: str, why: str) -> Any:
 def _base(spec: BackboneSpec, repo: str, where: str, config: Any) -> tuple[Any, list[str], str]:
     """The base model with its pretrained weights (or random init, then ``@PATH`` weights).
     Returns (model, the keys its weights lacked, the weights note)."""
-    from transformers import AutoModel
+    AutoModel = require("transformers", extra="hf").AutoModel
 
     try:
         if spec.weights is None:
@@ -227,7 +227,7 @@ def _base(spec: BackboneSpec, repo: str, where: str, config: Any) -> tuple[Any, 
 
 def _processor(spec: BackboneSpec, repo: str, where: str) -> Any:
     """The repo's image processor, or None when it has none (never defaults for custom code)."""
-    from transformers import AutoImageProcessor
+    AutoImageProcessor = require("transformers", extra="hf").AutoImageProcessor
 
     try:
         return AutoImageProcessor.from_pretrained(repo, trust_remote_code=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from backbench.errors import WeightsError
+from backbench.errors import WeightsError, require
 from backbench.extract.backbones.hub import fetching
 from backbench.extract.backbones.registry import RANDOM, Backbone, BackboneSpec, register_source
 from backbench.extract.backbones.weights import seeded
@@ -17,13 +17,13 @@ from backbench.extract.preprocess import Preprocess
 
 @lru_cache(maxsize=1)
 def _ids() -> list[str]:
-    import open_clip
+    open_clip = require("open_clip", extra="clip")
 
     return sorted(open_clip.list_models()) + [f"{a}/{t}" for a, t in open_clip.list_pretrained()]
 
 
 def _valid(ident: str) -> bool:
-    import open_clip
+    open_clip = require("open_clip", extra="clip")
 
     arch, _, tag = ident.partition("/")
     if arch not in open_clip.list_models():
@@ -37,7 +37,7 @@ def _forward(model: Any, x: Any) -> tuple[Any, Any]:
 
 def _preprocess(visual: Any) -> Preprocess:
     """The image tower's own preprocessing config, else OpenAI's statistics at its image size."""
-    import open_clip
+    open_clip = require("open_clip", extra="clip")
 
     cfg = getattr(visual, "preprocess_cfg", {}) or {}
     size = cfg.get("size", visual.image_size)
@@ -54,7 +54,7 @@ def _preprocess(visual: Any) -> Preprocess:
 @register_source("open_clip", list_ids=lambda: _ids(), validate=_valid)
 def load_open_clip(spec: BackboneSpec) -> Backbone:
     """``open_clip:ARCH/TAG`` (pretrained) or ``open_clip:ARCH@random``."""
-    import open_clip
+    open_clip = require("open_clip", extra="clip")
 
     arch, _, tag = spec.id.partition("/")
     if spec.weights not in (None, RANDOM) or (spec.weights is None and not tag):

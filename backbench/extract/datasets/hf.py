@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backbench.errors import DataSourceError, SampleError
+from backbench.errors import DataSourceError, SampleError, require
 from backbench.extract.datasets.base import ImageSource, one_line, open_rgb_bytes
 from backbench.labels import normalize_labels
 
@@ -40,7 +40,7 @@ class HFDatasetSource(ImageSource):
         what = f"hf-dataset {name} ({split})"
         image, label = self._columns(ds, options.get("image"), options.get("label"), what)
         self._image, self._label = image, label
-        import datasets
+        datasets = require("datasets", extra="hf")
 
         feature = ds.features[label]
         names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
@@ -52,7 +52,7 @@ class HFDatasetSource(ImageSource):
     @staticmethod
     def _load(name: str, config: str | None, split: str):
         try:
-            import datasets
+            datasets = require("datasets", extra="hf")
         except ImportError as exc:
             raise DataSourceError("hf-dataset: needs the datasets library; pip install 'datasets>=2.19'") from exc
         if name.startswith(("/", "./", "../", "~")) and not os.path.exists(name):
@@ -86,7 +86,7 @@ class HFDatasetSource(ImageSource):
 
     @staticmethod
     def _columns(ds, image: str | None, label: str | None, what: str) -> tuple[str, str]:
-        import datasets
+        datasets = require("datasets", extra="hf")
 
         features, columns = ds.features, ", ".join(ds.features)
         for col in (image, label):
