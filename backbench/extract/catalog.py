@@ -26,8 +26,8 @@ def _hub_cached() -> set[str]:
 def _match(name: str, pattern: str | None) -> bool:
     if not pattern:
         return True
-    if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatch(name, pattern)
+    if any(ch in pattern for ch in "*?["):  # a glob matches the whole name or the name within its source
+        return any(fnmatch.fnmatch(n.lower(), pattern.lower()) for n in (name, name.partition(":")[2]))
     return pattern.lower() in name.lower()
 
 
