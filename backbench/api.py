@@ -42,11 +42,10 @@ def run(task: str, backbone: str, dataset: str, *, splits: Mapping[str, str | No
         device: str = "auto", memory_limit: int | str | None = None, force: bool = False,
         complete_only: bool = False) -> TaskResult:
     """Run any registered task (``backbench.tasks.registered()``) by name; see the specific functions below."""
-    from backbench.device import resolve_device
     from backbench.tasks.base import RunOptions, get_task, run_task
 
     request = get_task(task).request(backbone, dataset, splits, params=params, features=features)
-    pairs = run_task(_cache(cache), request, RunOptions(resolve_device(device), memory_limit, force, complete_only))
+    pairs = run_task(_cache(cache), request, RunOptions(device, memory_limit, force, complete_only))
     return TaskResult([r for r, _ in pairs], [u for _, u in pairs])
 
 

@@ -7,6 +7,8 @@ from backbench.errors import BackbenchError
 
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` where torch sees a GPU, else ``cpu``; a CUDA device torch cannot see is refused."""
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":

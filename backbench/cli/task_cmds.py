@@ -52,12 +52,11 @@ def task_command(func: Callable[..., Any]) -> Callable[..., Any]:
 def run_request(task: str, common: Common, backbone: str, dataset: str, splits: Mapping[str, Optional[str]],
                 params: Mapping[str, Any]) -> list[tuple[dict, bool]]:
     """Build the request (checked against the task's schema before the cache is opened) and run it."""
-    from backbench.device import resolve_device
     from backbench.store import Cache
     from backbench.tasks.base import RunOptions, get_task, run_task
 
     request = get_task(task).request(backbone, dataset, splits, params=params, features=common.features)
-    options = RunOptions(resolve_device(common.device), common.memory_limit, common.force, common.complete_only)
+    options = RunOptions(common.device, common.memory_limit, common.force, common.complete_only)
     return run_task(Cache(common.cache, mode="r+"), request, options)
 
 

@@ -11,23 +11,58 @@ ever enters here. The optimizer itself lives in :mod:`backbench.probe._solver`.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from backbench.errors import ProbeInputError
+from backbench.probe.grid import default_Cs
 
 _BATCH_COLUMNS = 64  # logits columns per sweep batch (n_C * n_classes) sharing one read of X
 _EVAL_ROWS = 32768
+_SERIAL_ELEMENTS = 1 << 21  # train features up to this many values are fitted on one CPU thread
 
 
-def default_Cs() -> np.ndarray:
-    """13 values of ``C`` from 1e-4 to 1e4: a coarse version of DINOv2's log grid."""
-    return 10.0 ** np.linspace(-4, 4, 13)
+@contextmanager
+def _one_thread_if_small(X, device: str) -> Iterator[None]:
+    """One torch thread while fitting a small in-memory ``X`` on the CPU, the previous count after.
+
+    Each L-BFGS step on such data is a few small tensor operations, where splitting work
+    across threads costs more than it saves: digits (1,257 x 96, 13 values of C) fits about
+    six times faster on one thread of a busy 2-core machine. Larger or streamed data keeps
+    torch's threads.
+    """
+    import torch
+
+    shape = getattr(X, "shape", ())
+    small = (str(device) == "cpu" and isinstance(X, (np.ndarray, torch.Tensor)) and len(shape) == 2
+             and shape[0] * shape[1] <= _SERIAL_ELEMENTS)
+    threads = torch.get_num_threads()
+    if not small or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serial_when_small(fit):
+    """``fit(X_train, ...)`` under :func:`_one_thread_if_small` (its ``device`` keyword, default cpu)."""
+    @functools.wraps(fit)
+    def wrapper(X_train, *args, **kwargs):
+        with _one_thread_if_small(X_train, kwargs.get("device", "cpu")):
+            return fit(X_train, *args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -298,6 +333,7 @@ def _path(Xt, codes, weights, X_val, codes_val, Cs, n_classes: int, *, standardi
     return result, thetas, eig
 
 
+@_serial_when_small
 def sweep_C(X_train, y_train, X_val, y_val, Cs=None, *, device: str = "cpu", standardize: bool = True,
             max_iter: int = 1000, tol: float = 1e-5) -> SweepResult:
     """Fit a probe for every ``C`` (default :func:`default_Cs`) on train and score each on val.
@@ -361,6 +397,7 @@ def _selection_rows(Xt, y_train, X_val, y_val, holdout: float, seed: int):
     return classes, codes, weights, X_eval, codes[len(Xt) :]
 
 
+@_serial_when_small
 def select_and_fit(X_train, y_train, Cs=None, *, X_val=None, y_val=None, seed: int = 0, device: str = "cpu",
                    holdout: float = 0.1, standardize: bool = True, max_iter: int = 1000,
                    tol: float = 1e-5) -> tuple[LinearProbe, SweepResult]:

@@ -75,7 +75,7 @@ def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[
     """The probe for multi-label groups: one-vs-rest, C chosen by mean AUROC, scored per label."""
     from sklearn.metrics import average_precision_score
 
-    from backbench.probe.linear import default_Cs
+    from backbench.probe.grid import default_Cs
     from backbench.probe.tasks import read_splits
     
     Cs = [float(c) for c in (request.params.get("C") or default_Cs())]

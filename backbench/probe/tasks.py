@@ -72,7 +72,7 @@ def _fit(tr_X, tr_y, Cs, val: Split | None, seed: int, device: str):
 
 
 def _grid(request: TaskRequest) -> list[float]:
-    from backbench.probe.linear import default_Cs
+    from backbench.probe.grid import default_Cs
 
     return [float(c) for c in (request.params.get("C") or default_Cs())]
 

@@ -50,11 +50,31 @@ class FeatureSpec:
         return backbone if self.pooled else f"{backbone}#{self.spec}"
 
 
+class _Device:
+    """:attr:`RunOptions.device`: ``auto`` is resolved (:func:`backbench.device.resolve_device`,
+    which imports torch) the first time a task reads it, so a reused record never imports
+    torch; any other value is checked at once."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> str:
+        if obj is None:
+            return "cpu"  # the field's default
+        if obj.__dict__["_device"] == "auto":
+            from backbench.device import resolve_device
+
+            obj.__dict__["_device"] = resolve_device("auto")
+        return obj.__dict__["_device"]
+
+    def __set__(self, obj: Any, value: str) -> None:
+        from backbench.device import resolve_device
+
+        obj.__dict__["_device"] = value if value == "auto" else resolve_device(value)
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a request runs, not what it computes: none of these enters a record's key."""
 
-    device: str = "cpu"
+    device: _Device = _Device()  # a str: auto (resolved when first read), cpu, cuda, cuda:N, mps
     memory_limit: int | str | None = None  # stream above this much float32 data (None: the default)
     force: bool = False  # recompute even if the results log has the record
     complete_only: bool = False  # read the finished rows of an incomplete group
