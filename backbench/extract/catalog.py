@@ -27,7 +27,7 @@ def _match(name: str, pattern: str | None) -> bool:
     if not pattern:
         return True
     if any(ch in pattern for ch in "*?["):  # a glob matches the whole name or the name within its source
-        return any(fnmatch.fnmatch(n.lower(), pattern.lower()) for n in (name, name.partition(":")[2]))
+        return any(fnmatch.fnmatchcase(n, pattern) for n in (name, name.partition(":")[2]))
     return pattern.lower() in name.lower()
 
 
