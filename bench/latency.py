@@ -3,7 +3,9 @@
 Extracts ``timm:test_resnet@random`` (offline, random init) on the bundled digits (train
 1,257 rows, test 540) into a temporary cache once, then times, each as its own process:
 
-* the floor: ``python -c "import torch"`` (any command that fits a probe imports torch);
+* the floor: ``python -c "import torch"`` (any command that fits a probe imports torch), and
+  ``python -c "import torch, sklearn.base"`` (what a new probe or kNN fit imports: its estimators
+  are scikit-learn estimators);
 * ``backbench --help``, ``ls``, ``results``, ``info`` (light: import neither torch nor scikit-learn);
 * ``probe`` with the default 13-value C grid (new), the same command again (its record reused),
   a new 3-value C grid (``--C``, new values each repetition); ``knn`` new and reused; ``report``.
@@ -83,9 +85,10 @@ def run(repeat: int, workdir: Path) -> dict:
     start = time.perf_counter()
     timed([sys.executable, "-c", EXTRACT.format(cache=cache)], env)
     print(f"extracted {BACKBONE} digits train+test in {time.perf_counter() - start:.1f} s", flush=True)
-    walls: dict[str, list[float]] = {"import_torch": []}
+    walls: dict[str, list[float]] = {"import_torch": [], "import_torch_sklearn": []}
     for rep in range(repeat):
         walls["import_torch"].append(timed([sys.executable, "-c", "import torch"], env)[0])
+        walls["import_torch_sklearn"].append(timed([sys.executable, "-c", "import torch, sklearn.base"], env)[0])
         for name, argv, reused in commands(cache, rep):
             wall, stdout = timed(_backbench() + argv, env)
             if reused is not None and any(r != reused for r in _reused(stdout)):
