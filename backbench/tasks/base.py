@@ -10,7 +10,7 @@ task through hidden state: the feature kind, the memory limit and the device are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from backbench.errors import ProbeInputError
@@ -80,7 +80,6 @@ class RunOptions:
     complete_only: bool = False  # read the finished rows of an incomplete group
 
 
-
 @dataclass(frozen=True)
 class TaskRequest:
     """Everything a result depends on: task, backbone, feature spec, dataset, splits, params, seed."""
@@ -93,15 +92,12 @@ class TaskRequest:
     features: FeatureSpec = field(default_factory=FeatureSpec)
     seed: int = 0
 
-    def with_params(self, **params: Any) -> TaskRequest:
-        return replace(self, params={**self.params, **params})
-
     def record(self, groups: Mapping[str, str], *, task: str | None = None, params: Mapping[str, Any] | None = None,
-               splits: Mapping[str, Any] | None = None, dataset: str | None = None, seed: int | None = None) -> Record:
+               splits: Mapping[str, Any] | None = None, seed: int | None = None) -> Record:
         """The dict the results log keys a record by (the same fields, in the same form, as
         records written before the task layer, so they are reused)."""
         return {"task": task or self.task, "backbone": self.features.row_label(self.backbone),
-                "dataset": dataset or self.dataset, "splits": dict(self.splits if splits is None else splits),
+                "dataset": self.dataset, "splits": dict(self.splits if splits is None else splits),
                 "params": dict(self.params if params is None else params),
                 "seed": self.seed if seed is None else seed, "groups": dict(groups)}
 
