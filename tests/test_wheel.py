@@ -43,11 +43,12 @@ def test_wheel_installs_beside_the_environments_torch_and_runs_the_quickstart(tm
                             "backbench.__file__)"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     version, where = check.stdout.split()
     assert version == torch.__version__ and str(site) in where  # the user's torch, the installed backbench
-    for args in (["extract", "timm:test_resnet@random", "--data", "digits", "--split", "train", "--limit", "60",
+    # the real photos ship in the wheel (package data): the quickstart reads them from it
+    for args in (["extract", "timm:test_resnet@random", "--data", "cifar10-mini", "--split", "train", "--limit", "60",
                   "--workers", "0"],
-                 ["extract", "timm:test_resnet@random", "--data", "digits", "--split", "test", "--limit", "40",
+                 ["extract", "timm:test_resnet@random", "--data", "cifar10-mini", "--split", "test", "--limit", "40",
                   "--workers", "0"],
-                 ["probe", "-b", "timm:test_resnet@random", "-d", "digits", "--train", "train", "--eval", "test",
+                 ["probe", "-b", "timm:test_resnet@random", "-d", "cifar10-mini", "--train", "train", "--eval", "test",
                   "--C", "1"]):
         step = subprocess.run([str(env / "bin/backbench"), *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=300)

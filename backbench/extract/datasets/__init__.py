@@ -1,6 +1,6 @@
 """Data sources, one module per kind, behind a small prefix dispatch (as timm's
 ``data/readers/`` and ``reader_factory.py``): ``imagefolder:PATH``, ``csv:PATH``, the built-in
-``digits`` and ``textures``, ``torchvision:NAME:ROOT``, ``hf-dataset:NAME[:CONFIG]`` and
+``cifar10-mini``, ``digits`` and ``textures``, ``torchvision:NAME:ROOT``, ``hf-dataset:NAME[:CONFIG]`` and
 ``wds:PATTERN`` (WebDataset shards).
 
 :data:`SOURCES` maps each prefix to its opener and declares the options it takes, so a spec is
@@ -17,7 +17,7 @@ from typing import Callable
 from backbench.errors import DataSourceError
 from backbench.extract.datasets import builtin, csv, folder, hf, torchvision, wds
 from backbench.extract.datasets.base import FileSource, ImageSource, open_rgb, open_rgb_bytes, to_rgb
-from backbench.extract.datasets.builtin import Digits, Textures
+from backbench.extract.datasets.builtin import Cifar10Mini, Digits, Textures
 from backbench.extract.datasets.csv import CsvSource
 from backbench.extract.datasets.folder import IMAGE_EXTENSIONS, ImageFolder
 from backbench.extract.datasets.hf import HFDatasetSource
@@ -25,7 +25,7 @@ from backbench.extract.datasets.torchvision import TorchvisionSource
 from backbench.extract.datasets.wds import WebDatasetSource
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SOURCES", "CsvSource", "Digits", "FileSource", "HFDatasetSource", "ImageFolder",
+    "IMAGE_EXTENSIONS", "SOURCES", "Cifar10Mini", "CsvSource", "Digits", "FileSource", "HFDatasetSource", "ImageFolder",
     "ImageSource", "SourceKind", "Textures", "TorchvisionSource", "WebDatasetSource", "limit_source",
     "open_rgb", "open_rgb_bytes", "open_source", "split_spec", "to_rgb",
 ]
@@ -46,6 +46,7 @@ class SourceKind:
 SOURCES: dict[str, SourceKind] = {
     "imagefolder": SourceKind(folder.open_folder, "imagefolder:PATH", "imagefolder:/data/train"),
     "csv": SourceKind(csv.open_csv, "csv:PATH", "csv:/data/train", frozenset({"labels"})),
+    "cifar10-mini": SourceKind(builtin.open_cifar10_mini, "cifar10-mini", None),
     "digits": SourceKind(builtin.open_digits, "digits", None),
     "textures": SourceKind(builtin.open_textures, "textures", None),
     "torchvision": SourceKind(torchvision.open_torchvision, "torchvision:NAME:ROOT",
@@ -69,7 +70,7 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def open_source(spec: str, split: str, *, download: bool = False, labels: list[str] | None = None) -> ImageSource:
-    """Open a data source from ``KIND:ARG`` (built-in ``digits`` and ``textures`` need none).
+    """Open a data source from ``KIND:ARG`` (built-in ``cifar10-mini``, ``digits``, ``textures`` need none).
 
     ``download`` lets a ``torchvision:`` dataset fetch missing files; other kinds ignore it.
     ``labels`` names the label columns of a multi-label ``csv:`` (``csv:PATH?labels=A,B`` too).

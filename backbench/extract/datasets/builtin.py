@@ -1,5 +1,6 @@
-"""The built-in sets that need no files: ``digits`` (scikit-learn's bundled digits, with a
-shifted test split) and ``textures`` (generated far-OOD images). Both are reproducible."""
+"""The built-in sets that need no files: ``cifar10-mini`` (1,500 real CIFAR-10 photos shipped
+with the package, with a corrupted test split), ``digits`` (scikit-learn's bundled digits, with a
+shifted test split) and ``textures`` (generated far-OOD images). All are reproducible."""
 
 from __future__ import annotations
 
@@ -53,6 +54,69 @@ class Digits(ImageSource):
         return [hashlib.sha256(self._images[: len(self.ids)].tobytes()).hexdigest(), self._shifted]
 
 
+class Cifar10Mini(ImageSource):
+    """1,500 CIFAR-10 photos (32x32) shipped in the package: 100 ``train`` and 50 ``test``
+    images per class, carved from the CIFAR-10 training images (source, licence and how it was
+    made: ``data/CIFAR10-MINI.md`` beside this module; ``tools/make_cifar10_mini.py`` rebuilds it).
+    Samples come class by class in turn, so the first ``10 * k`` are ``k`` per class.
+
+    ``shifted`` is the test split under a CIFAR-10-C-style corruption with the same classes
+    (contrast lowered to 40 % and Gaussian noise of sd 0.06, seeded per image): the probe's
+    distribution-shift test.
+    """
+
+    SPLITS = ("train", "test", "shifted")
+    ARCHIVE = "cifar10-mini.zip"
+
+    def __init__(self, split: str) -> None:
+        if split not in self.SPLITS:
+            raise DataSourceError(f"cifar10-mini has splits {', '.join(self.SPLITS)}, not {split!r}")
+        files = _archive(self.ARCHIVE)
+        folder = "test" if split == "shifted" else split
+        # Classes interleaved (the first image of each class, then the second, ...), so that the
+        # first N rows (a battle's `limit`) keep the classes balanced.
+        per_class: dict[str, list[str]] = {}
+        for n in sorted(n for n in files if n.startswith(folder + "/")):
+            per_class.setdefault(n.split("/")[1], []).append(n)
+        names = [n for row in zip(*per_class.values()) for n in row]
+        self.spec = f"cifar10-mini:{split}"
+        self.classes = sorted({n.split("/")[1] for n in files})
+        self.ids = [n.split("/", 1)[1] for n in names]
+        self.labels = np.array([self.classes.index(i.split("/")[0]) for i in self.ids], dtype=np.int64)
+        self._files = {i: files[n] for i, n in zip(self.ids, names)}
+        self._shifted = split == "shifted"
+
+    def load(self, index: int):
+        from PIL import Image
+
+        from backbench.extract.datasets.base import open_rgb_bytes
+
+        sample = self.ids[index]
+        img = open_rgb_bytes(self._files[sample], sample)
+        if not self._shifted:
+            return img
+        x = np.asarray(img, dtype=np.float64) / 255.0
+        seed = int(hashlib.sha256(f"shifted/{sample}".encode()).hexdigest()[:8], 16)
+        x = (x - x.mean()) * 0.4 + x.mean() + np.random.default_rng(seed).normal(0.0, 0.06, x.shape)
+        return Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8), mode="RGB")
+
+    def _fingerprint_extra(self) -> Any:
+        digest = hashlib.sha256()
+        for sample in self.ids:
+            digest.update(self._files[sample])
+        return [digest.hexdigest(), self._shifted]
+
+
+def _archive(name: str) -> dict[str, bytes]:
+    """Every file of a zip shipped in ``data/`` as ``{name: bytes}`` (read whole: a few MB)."""
+    import zipfile
+    from importlib.resources import files
+
+    with files("backbench.extract.datasets").joinpath("data", name).open("rb") as fh:
+        with zipfile.ZipFile(fh) as zf:
+            return {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
+
+
 class Textures(ImageSource):
     """Generated far-OOD images: stripes, checkers, rings, blobs and noise (no download).
 
@@ -97,6 +161,11 @@ def _pattern(kind: str, rng: np.random.Generator) -> np.ndarray:
         return sum(np.exp(-((xx - a) ** 2 + (yy - b) ** 2) / rng.uniform(0.002, 0.02))
                    for a, b in rng.uniform(0, 1, (6, 2)))
     return rng.normal(size=xx.shape)
+
+
+def open_cifar10_mini(arg: str, split: str) -> Cifar10Mini:
+    """The registry's opener (``cifar10-mini`` takes no argument)."""
+    return Cifar10Mini(split)
 
 
 def open_digits(arg: str, split: str) -> Digits:
