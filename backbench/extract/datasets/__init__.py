@@ -1,7 +1,9 @@
 """Data sources, one module per kind, behind a small prefix dispatch (as timm's
 ``data/readers/`` and ``reader_factory.py``): ``imagefolder:PATH``, ``csv:PATH``, the built-in
 ``cifar10-mini``, ``digits`` and ``textures``, ``torchvision:NAME:ROOT``, ``hf-dataset:NAME[:CONFIG]`` and
-``wds:PATTERN`` (WebDataset shards).
+``wds:PATTERN`` (WebDataset shards); dense sources (pixel masks or object boxes, :mod:`.dense`):
+``segfolder:IMAGES:MASKS``, ``voc:ROOT``, ``ade20k:ROOT``, ``coco:IMAGES:ANNOTATIONS.json`` and the
+built-in ``shapes``.
 
 :data:`SOURCES` maps each prefix to its opener and declares the options it takes, so a spec is
 checked without opening anything and a new kind is one module plus one entry here. Labels are
@@ -15,19 +17,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backbench.errors import DataSourceError
-from backbench.extract.datasets import builtin, csv, folder, hf, torchvision, wds
+from backbench.extract.datasets import builtin, csv, dense, folder, hf, shapes, torchvision, wds
 from backbench.extract.datasets.base import FileSource, ImageSource, open_rgb, open_rgb_bytes, to_rgb
 from backbench.extract.datasets.builtin import Cifar10Mini, Digits, Textures
 from backbench.extract.datasets.csv import CsvSource
+from backbench.extract.datasets.dense import Ade20k, CocoDetection, MaskSource, SegFolder, VocSegmentation, read_mask
 from backbench.extract.datasets.folder import IMAGE_EXTENSIONS, ImageFolder
 from backbench.extract.datasets.hf import HFDatasetSource
+from backbench.extract.datasets.shapes import Shapes, write_shapes
 from backbench.extract.datasets.torchvision import TorchvisionSource
 from backbench.extract.datasets.wds import WebDatasetSource
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SOURCES", "Cifar10Mini", "CsvSource", "Digits", "FileSource", "HFDatasetSource", "ImageFolder",
-    "ImageSource", "SourceKind", "Textures", "TorchvisionSource", "WebDatasetSource", "limit_source",
-    "open_rgb", "open_rgb_bytes", "open_source", "split_spec", "to_rgb",
+    "IMAGE_EXTENSIONS", "SOURCES", "Ade20k", "Cifar10Mini", "CocoDetection", "CsvSource", "Digits", "FileSource",
+    "HFDatasetSource", "ImageFolder", "ImageSource", "MaskSource", "SegFolder", "Shapes", "SourceKind", "Textures",
+    "TorchvisionSource", "VocSegmentation", "WebDatasetSource", "limit_source", "open_rgb", "open_rgb_bytes",
+    "open_source", "read_mask", "split_spec", "to_rgb", "write_shapes",
 ]
 
 
@@ -53,6 +58,12 @@ SOURCES: dict[str, SourceKind] = {
                               "torchvision:CIFAR10:/data/cifar", frozenset({"download"})),
     "hf-dataset": SourceKind(hf.open_hf, "hf-dataset:NAME[:CONFIG]", "hf-dataset:/data/pets"),
     "wds": SourceKind(wds.open_wds, "wds:PATTERN", "wds:/data/shards/train-{000000..000009}.tar"),
+    "segfolder": SourceKind(dense.open_segfolder, "segfolder:IMAGES:MASKS", "segfolder:/data/images:/data/masks"),
+    "voc": SourceKind(dense.open_voc, "voc:ROOT", "voc:/data/VOCdevkit/VOC2012"),
+    "ade20k": SourceKind(dense.open_ade20k, "ade20k:ROOT", "ade20k:/data/ADEChallengeData2016"),
+    "coco": SourceKind(dense.open_coco, "coco:IMAGES:ANNOTATIONS.json",
+                       "coco:/data/coco/val2017:/data/coco/annotations/instances_val2017.json"),
+    "shapes": SourceKind(shapes.open_shapes, "shapes", None),
 }
 
 
@@ -70,7 +81,7 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def open_source(spec: str, split: str, *, download: bool = False, labels: list[str] | None = None) -> ImageSource:
-    """Open a data source from ``KIND:ARG`` (built-in ``cifar10-mini``, ``digits``, ``textures`` need none).
+    """Open a data source from ``KIND:ARG`` (built-in ``cifar10-mini``, ``digits``, ``textures``, ``shapes`` need none).
 
     ``download`` lets a ``torchvision:`` dataset fetch missing files; other kinds ignore it.
     ``labels`` names the label columns of a multi-label ``csv:`` (``csv:PATH?labels=A,B`` too).

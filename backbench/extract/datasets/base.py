@@ -16,13 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from backbench.errors import SampleError
+from backbench.errors import DataSourceError, SampleError
 
 
 class ImageSource:
-    """A labelled list of images. Subclasses fill ``spec``, ``ids``, ``labels``, ``classes``."""
+    """A labelled list of images. Subclasses fill ``spec``, ``ids``, ``labels``, ``classes``.
+
+    A dense source (``dense`` not empty) also labels pixels or objects: ``mask`` gives a
+    class index per pixel (``ignore_index`` where unlabelled), ``boxes`` the objects of an
+    image in its own pixels; both at the original image's resolution, whose ``image_size`` is
+    known. Its ``classes`` are the mask values (or box categories); its ``labels`` are zeros.
+    """
 
     multilabel = False  # True: ``labels`` are bitmasks over ``classes`` (see CsvSource)
+    dense: frozenset[str] = frozenset()  # {"mask"}, {"boxes"} or both (see backbench.extract.datasets.dense)
+    ignore_index: int | None = None  # the mask value that is not scored
 
     spec: str
     ids: list[str]
@@ -48,6 +56,20 @@ class ImageSource:
         """The encoded file of sample ``index``."""
         raise NotImplementedError
 
+    def mask(self, index: int) -> np.ndarray:
+        """The (H, W) int64 class index of every pixel of image ``index``, at its full resolution."""
+        raise DataSourceError(f"{self.spec} has no segmentation masks; use a dense source with masks "
+                              f"(segfolder:, voc:, ade20k:, shapes)")
+
+    def boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The objects of image ``index``: (M, 4) float32 x1, y1, x2, y2 in its pixels, (M,) int64 classes."""
+        raise DataSourceError(f"{self.spec} has no object boxes; use a dense source with boxes (coco:, shapes)")
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of image ``index`` as stored (before any preprocessing)."""
+        width, height = self.load(index).size
+        return height, width
+
     def fingerprint(self) -> str:
         """A hash of the source kind, ids, labels, classes and what else changes the samples."""
         payload = json.dumps(
@@ -56,7 +78,10 @@ class ImageSource:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.spec, "n": len(self), "classes": self.classes, "fingerprint": self.fingerprint()}
+        out = {"source": self.spec, "n": len(self), "classes": self.classes, "fingerprint": self.fingerprint()}
+        if self.dense:
+            out.update(dense=sorted(self.dense), ignore_index=self.ignore_index)
+        return out
 
 
 def open_rgb(path: Path | Any, name: str | None = None):
@@ -127,6 +152,18 @@ class FileSource(ImageSource):
             return path.read_bytes()
         except OSError as exc:
             raise SampleError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) from the file's header alone (nothing is decoded)."""
+        from PIL import Image
+
+        path = self.root / self.ids[index]
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except Exception as exc:
+            raise SampleError(f"cannot read the size of image {str(path)!r}: {one_line(exc)}") from exc
+        return height, width
 
     def _fingerprint_extra(self) -> Any:
         sizes, root = self._sizes or {}, str(self.root)
