@@ -6,6 +6,10 @@ A kind is ``[layer-N:]BASE`` with BASE one of
 * ``cls`` — the class token after the final norm (ViTs);
 * ``mean-patch`` — the mean of the patch tokens (ViTs) or of the final feature map (CNNs);
 * ``cls+mean-patch`` — both, concatenated: DINOv2's linear-probe input;
+* ``map`` — the spatial feature map (h, w, d): a ViT's patch tokens after the final norm in
+  their grid, a CNN's last feature map; stored row-major as ``h*w*d`` features with the group
+  attribute ``map_shape``, for dense probes. Map kinds see the whole image resized to the
+  model's input (no crop), so they are extracted in runs of their own;
 
 and ``layer-N:`` taking BASE from the N-th block from the end (``layer-1`` is the last)
 through timm's ``forward_intermediates`` (final norm applied, as DINOv2 does). Each kind is
@@ -27,7 +31,7 @@ import re
 from backbench.errors import BackbenchError
 
 VIEWS = ("center", "flip", "center+flip")
-_KIND = re.compile(r"^(?:layer-(\d+):)?(pooled|cls|mean-patch|cls\+mean-patch)(?:@(flip|center\+flip))?$")
+_KIND = re.compile(r"^(?:layer-(\d+):)?(pooled|cls|mean-patch|cls\+mean-patch|map)(?:@(flip|center\+flip))?$")
 
 
 def parse_kind(kind: str) -> tuple[int | None, str]:
@@ -35,10 +39,17 @@ def parse_kind(kind: str) -> tuple[int | None, str]:
     end in its view (``cls@flip``, as probes name it)."""
     m = _KIND.match(kind or "")
     if not m or (m.group(1) and m.group(2) == "pooled") or (m.group(1) and int(m.group(1)) < 1):
-        raise BackbenchError(f"feature kind {kind!r}: use pooled, cls, mean-patch, cls+mean-patch, or "
-                             f"layer-N:cls / layer-N:mean-patch (N >= 1 blocks from the end), with @flip or "
-                             f"@center+flip for other views")
+        raise BackbenchError(f"feature kind {kind!r}: use pooled, cls, mean-patch, cls+mean-patch, map, or "
+                             f"layer-N:cls / layer-N:mean-patch / layer-N:map (N >= 1 blocks from the end), with "
+                             f"@flip or @center+flip for other views (not of maps)")
+    if m.group(2) == "map" and m.group(3):
+        raise BackbenchError(f"feature kind {kind!r}: maps are stored for the center view only; use map")
     return (int(m.group(1)) if m.group(1) else None), m.group(2)
+
+
+def is_map(kind: str) -> bool:
+    """Whether ``kind`` is a spatial feature map (``map``, ``layer-N:map``)."""
+    return parse_kind(kind)[1] == "map"
 
 
 def stored_kind(kind: str, view: str) -> str:
@@ -59,7 +70,14 @@ def expand(features: list[str] | None, layers: list[int] | None) -> list[str]:
         if int(layer) == 0:
             raise BackbenchError("--layers counts blocks from the end: -1 is the last block, -4 the fourth last")
         kinds += [f"layer-{abs(int(layer))}:{b}" for b in bases]
-    return list(dict.fromkeys(kinds))
+    kinds = list(dict.fromkeys(kinds))
+    maps = [k for k in kinds if is_map(k)]
+    if maps and len(maps) < len(kinds):
+        others = [k for k in kinds if not is_map(k)]
+        raise BackbenchError(f"feature kinds {', '.join(maps)} (whole image, no crop) and {', '.join(others)} "
+                             f"(center crop) see different inputs: extract them in two runs, "
+                             f"--features {' '.join(maps)} and --features {' '.join(others)}")
+    return kinds
 
 
 def split_name(split: str, kind: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -115,10 +115,12 @@ def extract(
                                     "decode what they can in time, the GPU the rest) or auto (mixed on CUDA)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (pays off on long runs)."),
     features: Optional[List[str]] = typer.Option(None, "--features",
-                                                 help="Feature kinds: pooled (default) cls mean-patch cls+mean-patch."),
+                                                 help="Feature kinds: pooled (default) cls mean-patch cls+mean-patch map."),
     layers: Optional[List[int]] = typer.Option(None, "--layers",
                                                help="Also from these blocks, counted from the end: -1 -4."),
     views: str = typer.Option("center", "--views", help="center, flip or center+flip (averaged)."),
+    map_grid: Optional[Tuple[int, int]] = typer.Option(None, "--map-grid", min=1, metavar="H W",
+                                                      help="Average-pool feature maps down to H x W."),
     labels: Optional[List[str]] = typer.Option(None, "--labels",
                                                help="Multi-label csv: the 0/1 label columns (or '*': all but path)."),
     download: bool = typer.Option(False, "--download", help="Let a torchvision: dataset download missing files into ROOT."),
@@ -146,7 +148,8 @@ def extract(
     source = open_source(data, split, download=download, labels=labels)
     options = dict(cache=cache, dataset=dataset, split=split, batch_size=batch_size, device=device, dtype=dtype,
                    workers=workers, limit=limit, overwrite=overwrite, chunk_rows=chunk_rows, shard=shard_at,
-                   on_error=on_error, decode=decode, compile=compile_, features=features, layers=layers, views=views)
+                   on_error=on_error, decode=decode, compile=compile_, features=features, layers=layers, views=views,
+                   map_grid=map_grid)
     results = [_extract_one(name, source, options, quiet=json_) for name in backbones]
     if json_:
         emit_json(results)
@@ -171,7 +174,8 @@ def _extract_one(name: str, source, options: dict, quiet: bool) -> dict:
     with _LazyBar(f"{name} {dataset}/{split}") as bar:
         res = run(name, source, progress=bar, **options,
                   on_wait=lambda: err.print(f"{name} {dataset}/{split}: another process is extracting this "
-                                            f"group; waiting for it, then doing what is left"))
+                                            f"group; waiting for it, then doing what is left"),
+                  on_plan=lambda line: (err if quiet else out).print(f"{name} {dataset}/{split}: {line}"))
         bar.finish(res.images_per_s)
     if not quiet:
         _say_extracted(res)

@@ -27,15 +27,18 @@ def batch_chunk_rows(dim: int, itemsize: int, n: int, batch_size: int) -> int:
 
 
 def group_attrs(backbone: Backbone, source: ImageSource, dataset: str, split: str, dtype: str,
-                decoding: dict[str, str] | None = None, kind: str = "pooled", view: str = "center") -> dict[str, Any]:
+                decoding: dict[str, str] | None = None, kind: str = "pooled", view: str = "center",
+                map_grid: tuple[int, int] | None = None) -> dict[str, Any]:
     """A features group's provenance: what made it (backbone, weights, preprocessing and
-    decoding, kind and view) and from what (the source and its fingerprint), in JSON."""
+    decoding, kind and view) and from what (the source and its fingerprint), in JSON. A map
+    pooled down (``map_grid``) records its grid with the preprocessing, so the cache key covers it."""
+    grid = {"map_grid": [int(v) for v in map_grid]} if map_grid else {}
     return {
         "backbench_kind": "features",
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "backbone_info": backbone.describe(),
-        "preprocess": {**backbone.preprocess.to_dict(), **(decoding or {})},
+        "preprocess": {**backbone.preprocess.to_dict(), **(decoding or {}), **grid},
         "feature_kind": stored_kind(kind, view),
         "dataset": dataset,
         "split": split,

@@ -2,6 +2,11 @@
 
 Workers only decode, resize and crop to ``uint8``; normalization happens on the device
 (:meth:`Preprocess.normalize`), so a batch crosses to the GPU at a quarter of the bytes.
+
+Two ways to fit an image to the input size: ``resize="crop"`` (the model's own evaluation
+transform: resize the short side, center-crop) and ``resize="full"`` (the whole image resized
+to the input size, aspect ratio not kept), which feature maps use so that a map position maps
+back to the original image by scaling alone.
 """
 
 from __future__ import annotations
@@ -11,21 +16,26 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+RESIZES = ("crop", "full")
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the short side to ``floor(size / crop_pct)``, center-crop, normalize."""
+    """Resize the short side to ``floor(size / crop_pct)``, center-crop, normalize; or with
+    ``resize="full"`` resize the whole image to the input size (no crop), normalize."""
 
     input_size: tuple[int, int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    resize: str = "crop"
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
             object.__setattr__(self, "interpolation", "bicubic")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize {self.resize!r}: use crop or full")
 
     @classmethod
     def from_timm(cls, data_config: dict[str, Any]) -> Preprocess:
@@ -38,7 +48,12 @@ class Preprocess:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """As JSON; ``resize`` only when "full", so the records (and cache keys) of cropped
+        groups are what they were before maps existed."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if d["resize"] == "crop":
+            del d["resize"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
@@ -48,6 +63,7 @@ class Preprocess:
             std=tuple(d["std"]),
             interpolation=d["interpolation"],
             crop_pct=float(d["crop_pct"]),
+            resize=str(d.get("resize", "crop")),
         )
 
     @property
@@ -66,10 +82,13 @@ class Preprocess:
         return v2.Compose([v2.PILToTensor(), self.resize_crop()])
 
     def resize_crop(self):
-        """Resize and center-crop a ``uint8`` CHW/NCHW tensor on any device."""
+        """Resize and center-crop (``resize="full"``: resize the whole image to the input size) a
+        ``uint8`` CHW/NCHW tensor on any device."""
         from torchvision.transforms import v2
 
         interp = v2.InterpolationMode(self.interpolation)
+        if self.resize == "full":
+            return v2.Resize(self.size, interpolation=interp, antialias=True)
         return v2.Compose([v2.Resize(self.resize_to, interpolation=interp, antialias=True),
                            v2.CenterCrop(self.size)])
 

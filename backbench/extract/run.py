@@ -19,15 +19,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from backbench.device import default_batch_size, resolve_device
-from backbench.errors import CacheMismatch, SampleError
+from backbench.errors import BackbenchError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.datasets import ImageSource, limit_source, open_source
 from backbench.extract.decode import ON_DEVICE, DeviceDecoder, provenance, resolve_decode, started_decode
 from backbench.extract.groups import await_group, batch_chunk_rows, group_attrs, open_or_create
+from backbench.extract.kinds import for_maps, size_line
 from backbench.extract.loader import Waits, make_loader
 from backbench.extract.prefetch import DevicePipeline
 from backbench.extract.writer import KindWriters
-from backbench.kinds import check_view, expand, stored_kind
+from backbench.kinds import check_view, expand, is_map, stored_kind
 from backbench.store.cache import Cache, default_cache_path
 from backbench.store.cleanup import clean_partials
 from backbench.store.group import FeatureGroup
@@ -57,6 +58,7 @@ class ExtractResult:
     decoded_on_device: int | None = None  # images the device decoded (device and mixed decoding)
     first_batch_s: float = 0.0  # seconds from starting the workers until the loop took their first batch
     waited_s: float = 0.0  # seconds the loop then waited for the workers' batches (the device idle)
+    dense_labels: str = ""  # the group of the source's dense labels (masks, boxes), for a dense source
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,11 +91,11 @@ def plan_batches(group: FeatureGroup | list[FeatureGroup], batch_size: int,
 
 
 def forward_step(backbone: Backbone, device: str, compile: bool | str = False, kinds: list[str] | None = None,
-                 view: str = "center"):
+                 view: str = "center", map_grid: tuple[int, int] | None = None):
     """uint8 NCHW on the device -> ({kind: features}, logits): normalize, channels-last and
     bf16 on CUDA, the forward pass (the mirrored image too for the ``flip`` views); compiled
     with ``torch.compile`` when asked (``True`` or a backend). Without ``kinds``: the pooled
-    ``(features, logits)`` pair."""
+    ``(features, logits)`` pair. Maps (B, h, w, d) come out as rows of h*w*d, row-major."""
     import torch
 
     from backbench.extract.kinds import kinds_forward
@@ -107,7 +109,8 @@ def forward_step(backbone: Backbone, device: str, compile: bool | str = False, k
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             if kinds is None:
                 return backbone.forward(x)
-            return kinds_forward(backbone, x, kinds)
+            feats, logits = kinds_forward(backbone, x, kinds, map_grid)
+            return {k: v.flatten(1) if v.ndim == 4 else v for k, v in feats.items()}, logits
 
     def step(x):
         if view == "center" or kinds is None:
@@ -126,8 +129,8 @@ def forward_step(backbone: Backbone, device: str, compile: bool | str = False, k
 
 def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                 batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
-                decode: str = "workers", compile: bool | str = False,
-                view: str = "center") -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
+                decode: str = "workers", compile: bool | str = False, view: str = "center",
+                map_grid: tuple[int, int] | None = None) -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
     """Forward every batch and hand its rows to the chunk writers (one group per feature kind,
     the backbone's logits with the pooled one); returns the skipped samples, how many
     images the device decoded (None with worker decoding), and the seconds the loop waited
@@ -137,13 +140,13 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
     # Streams, events and copies go to the current device: make it this one (--device cuda:1).
     with torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext():
         return _run_batches(backbone, group, source, batches, device=device, workers=workers, on_error=on_error,
-                            progress=progress, decode=decode, compile=compile, view=view)
+                            progress=progress, decode=decode, compile=compile, view=view, map_grid=map_grid)
 
 
 def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                  batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
-                 decode: str = "workers", compile: bool | str = False,
-                 view: str = "center") -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
+                 decode: str = "workers", compile: bool | str = False, view: str = "center",
+                 map_grid: tuple[int, int] | None = None) -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
     """:func:`run_batches` on its device."""
     import torch
 
@@ -160,7 +163,7 @@ def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGrou
         out_dtype = getattr(torch, np.dtype(next(iter(groups.values())).dtype).name)
         pipe = DevicePipeline(waits, device, decoder, out_dtype)  # warms the decoder up on its thread
         backbone.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-        step = forward_step(backbone, device, compile, list(groups), view)
+        step = forward_step(backbone, device, compile, list(groups), view, map_grid)
         total, done, skipped = sum(map(len, batches)), 0, []
         for index, x, errors in pipe:
             for tag, feats, logits in pipe.forward(step, x, _labelled(source, index, errors, on_error, skipped)):
@@ -224,12 +227,18 @@ def extract(
     features: list[str] | None = None,
     layers: list[int] | None = None,
     views: str = "center",
+    map_grid: tuple[int, int] | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> ExtractResult:
     """Extract one (backbone, dataset, split) into the cache; resumes and skips finished chunks.
 
     ``features`` (kinds, default ``["pooled"]``) and ``layers`` (blocks from the end) choose
     what is stored, one group per kind, all from one forward pass; ``views``: center, flip or
-    center+flip (averaged); see :mod:`backbench.extract.kinds`.
+    center+flip (averaged); see :mod:`backbench.extract.kinds`. Map kinds (``map``,
+    ``layer-N:map``) see the whole image resized to the input size (no crop), in runs of their
+    own; ``map_grid`` (H, W) average-pools their maps down; ``on_plan`` is told the size they
+    will write before the forward passes start. A dense source's labels (masks, boxes) are
+    written to the cache once per (dataset, split): :mod:`backbench.store.dense`.
 
     Another process extracting the same group holds its lock: this one waits (``on_wait`` is
     told), then does only what is left. ``decode``: "workers" (PIL in the DataLoader
@@ -239,27 +248,58 @@ def extract(
     """
     if not isinstance(cache, Cache) and not Location.of(default_cache_path(cache)).writable:
         cache = Cache(cache)  # opens read-only, creates nothing
-    if not isinstance(cache, Cache) and not Location.of(default_cache_path(cache)).writable:
-        cache = Cache(cache)  # opens read-only, creates nothing
     if isinstance(cache, Cache):
         cache.require_writable("extract")  # http(s):// caches are read-only: refuse before loading a model
+    kinds, view = expand(features, layers), check_view(views)  # refused before a model loads
+    maps = is_map(kinds[0])
+    _check_maps(kinds, view, map_grid)
     device = resolve_device(device)
     batch_size = batch_size or default_batch_size(device)
     model = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
+    model = for_maps(model) if maps else model
     src = limit_source(source if isinstance(source, ImageSource) else open_source(source, split), limit)
     # a cache named by path is opened (made, if new) only now: a backbone or data source that
     # fails to load leaves no empty cache behind
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     decode = _decoding(cache, (model.name, dataset, split), src, decode, device, overwrite)
-    kinds, view = expand(features, layers), check_view(views)
-    attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view)
+    attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view, map_grid)
     if cache.is_url and shard[0] > 0:  # no locks at URLs: shard 0 alone creates the group
         await_group(cache, attrs, len(src), shard, on_wait)
     with _held_groups(cache, model, src, attrs, kinds, view, shard=shard, overwrite=overwrite,
-                      chunk_rows=chunk_rows, batch_size=batch_size, on_wait=on_wait) as groups:
-        return _extract_pending(model, groups, src, batch_size=batch_size, device=device, workers=workers,
-                                shard=shard, on_error=on_error, progress=progress, decode=decode,
-                                compile=compile, view=view)
+                      chunk_rows=chunk_rows, batch_size=batch_size, on_wait=on_wait, map_grid=map_grid) as groups:
+        batches = plan_batches(list(groups.values()), batch_size, shard)
+        if batches and on_plan and maps:
+            on_plan(size_line(sum(map(len, batches)), {k: g.attrs["map_shape"] for k, g in groups.items()}, dtype))
+        dense = _dense_labels(cache, src, dataset, split, shard, overwrite)
+        result = _extract_pending(model, groups, src, batches, batch_size=batch_size, device=device,
+                                  workers=workers, on_error=on_error, progress=progress, decode=decode,
+                                  compile=compile, view=view, map_grid=map_grid)
+        result.dense_labels = dense
+        return result
+
+
+def _check_maps(kinds: list[str], view: str, map_grid: tuple[int, int] | None) -> None:
+    """Map kinds take the center view only; ``map_grid`` is two sizes, for map kinds only."""
+    if not is_map(kinds[0]):
+        if map_grid:
+            raise BackbenchError(f"--map-grid pools feature maps; extract --features map (not {', '.join(kinds)})")
+        return
+    if view != "center":
+        raise BackbenchError(f"--views {view}: feature maps are extracted for the center view only")
+    if map_grid is not None and (len(map_grid) != 2 or min(map_grid) < 1):
+        raise BackbenchError(f"--map-grid {' '.join(map(str, map_grid))}: give two sizes >= 1, e.g. --map-grid 4 4")
+
+
+def _dense_labels(cache: Cache, src: ImageSource, dataset: str, split: str, shard: tuple[int, int],
+                  overwrite: bool) -> str:
+    """Write a dense source's labels once per (dataset, split) (shard 0 does it); their group path."""
+    if not getattr(src, "dense", None):
+        return ""
+    from backbench.store.dense import dense_path, write_dense_labels
+
+    if shard[0] == 0:
+        write_dense_labels(cache, dataset, split, src, overwrite=overwrite)
+    return dense_path(dataset, split)
 
 
 def _decoding(cache: Cache, key: tuple[str, str, str], src: ImageSource, decode: str, device: str,
@@ -276,10 +316,13 @@ def _decoding(cache: Cache, key: tuple[str, str, str], src: ImageSource, decode:
 @contextlib.contextmanager
 def _held_groups(cache: Cache, model: Backbone, src: ImageSource, attrs: dict[str, Any], kinds: list[str],
                  view: str, *, shard: tuple[int, int], overwrite: bool, chunk_rows: int | None, batch_size: int,
-                 on_wait: Callable[[], None] | None) -> Iterator[dict[str, FeatureGroup]]:
+                 on_wait: Callable[[], None] | None,
+                 map_grid: tuple[int, int] | None = None) -> Iterator[dict[str, FeatureGroup]]:
     """The group of each feature kind, opened (or made) under the group's lock, which is held
-    until the run ends; chunk files a killed run left half-written are removed first."""
-    dims = _kind_dims(model, kinds)
+    until the run ends; chunk files a killed run left half-written are removed first. A map
+    kind's group records its ``map_shape`` [h, w, d] (its features are the rows of h*w*d)."""
+    shapes = _kind_shapes(model, kinds, map_grid)
+    dims = {k: int(np.prod(s)) for k, s in shapes.items()}
     if chunk_rows is None and len(kinds) > 1:  # one chunking for all kinds: the widest sets it
         chunk_rows = batch_chunk_rows(max(dims.values()), np.dtype(attrs["dtype"]).itemsize, len(src), batch_size)
     # One lock per (backbone, dataset, split), outside the group's folder, taken before the group
@@ -288,38 +331,40 @@ def _held_groups(cache: Cache, model: Backbone, src: ImageSource, attrs: dict[st
     with group_locked(cache.path, cache.group_path(model.name, attrs["dataset"], attrs["split"]), on_wait,
                       shared=shard[1] > 1 and not overwrite):
         with locked(local_folder(cache.path)):
-            groups = {k: open_or_create(cache, {**attrs, "feature_kind": stored_kind(k, view)}, len(src), dims[k],
-                                        model.num_classes if k == "pooled" else 0, overwrite=overwrite,
-                                        chunk_rows=chunk_rows, batch_size=batch_size, kind=stored_kind(k, view))
+            groups = {k: open_or_create(cache, {**attrs, "feature_kind": stored_kind(k, view),
+                                                **({"map_shape": list(shapes[k])} if is_map(k) else {})},
+                                        len(src), dims[k], model.num_classes if k == "pooled" else 0,
+                                        overwrite=overwrite, chunk_rows=chunk_rows, batch_size=batch_size,
+                                        kind=stored_kind(k, view))
                       for k in kinds}
         for g in groups.values():  # chunk files a killed run left half-written
             clean_partials(local_folder(cache.path, g.path))
         yield groups
 
 
-def _kind_dims(model: Backbone, kinds: list[str]) -> dict[str, int]:
-    """Width of each kind, from one forward pass of a blank image."""
+def _kind_shapes(model: Backbone, kinds: list[str], map_grid: tuple[int, int] | None = None) -> dict[str, list[int]]:
+    """Each kind's shape per image ([d], or [h, w, d] for maps), from one forward pass of a blank image."""
     if kinds == ["pooled"]:
-        return {"pooled": model.feature_dim}
+        return {"pooled": [model.feature_dim]}
     import torch
 
     from backbench.extract.kinds import kinds_forward
 
     c, h, w = model.preprocess.input_size
     with torch.inference_mode():
-        feats, _ = kinds_forward(model, torch.zeros(1, c, h, w), kinds)
-    return {k: int(v.shape[-1]) for k, v in feats.items()}
+        feats, _ = kinds_forward(model, torch.zeros(1, c, h, w), kinds, map_grid)
+    return {k: [int(n) for n in v.shape[1:]] for k, v in feats.items()}
 
 
-
-def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: ImageSource, *, batch_size: int,
-                     device: str, workers: int | None, shard: tuple[int, int], on_error: str,
-                     progress: Progress | None, decode: str, compile: bool | str, view: str = "center") -> ExtractResult:
+def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: ImageSource, batches: list[list[int]],
+                     *, batch_size: int, device: str, workers: int | None, on_error: str,
+                     progress: Progress | None, decode: str, compile: bool | str, view: str = "center",
+                     map_grid: tuple[int, int] | None = None) -> ExtractResult:
+    """Run ``batches`` (planned by :func:`plan_batches`) into ``groups`` and finalize them."""
     group = next(iter(groups.values()))
     if len({g.chunk_rows for g in groups.values()}) > 1:
         raise CacheMismatch(f"the feature kinds of {group.path} were stored with different chunkings; "
                             f"extract them again with --overwrite")
-    batches = plan_batches(list(groups.values()), batch_size, shard)
     dataset, split = group.attrs["dataset"], group.attrs["split"]
     result = ExtractResult(model.name, dataset, split, len(src), "up-to-date", group=group.path)
     if not batches:
@@ -333,7 +378,7 @@ def _extract_pending(model: Backbone, groups: dict[str, FeatureGroup], src: Imag
         progress(0, sum(map(len, batches)))
     skipped, result.decoded_on_device, (result.first_batch_s, result.waited_s) = run_batches(
         model, groups, src, batches, device=device, workers=default_workers(decode) if workers is None else workers,
-        on_error=on_error, progress=progress, decode=decode, compile=compile, view=view)
+        on_error=on_error, progress=progress, decode=decode, compile=compile, view=view, map_grid=map_grid)
     seconds = time.perf_counter() - started
     result.rows_written = sum(map(len, batches))
     result.seconds, result.images_per_s = seconds, result.rows_written / max(seconds, 1e-9)

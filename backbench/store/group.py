@@ -101,7 +101,7 @@ class FeatureGroup:
         """Refuse (:class:`DamagedGroup`) a group whose attributes disagree with its arrays."""
         if self._checked:
             return self
-        problem = structure_problem(self)
+        problem = structure_problem(self) or map_shape_problem(self.attrs)
         if problem:
             raise self._damaged(problem)
         self._checked = True
@@ -355,6 +355,20 @@ def _create_arrays(node, arrays: dict[str, dict[str, Any]]) -> None:
         await asyncio.gather(*(node._async_group.create_array(name, **spec) for name, spec in arrays.items()))
 
     sync(create_all())
+
+
+def map_shape_problem(attrs: dict[str, Any]) -> str | None:
+    """What is wrong with a map group's ``map_shape`` [h, w, d] (each row is the row-major
+    (h, w, d) map: h*w*d must be ``dim``), or None; groups of other kinds have none."""
+    shape, kind = attrs.get("map_shape"), str(attrs.get("feature_kind") or "pooled")
+    if shape is None:
+        is_map = kind.split("@")[0].rsplit(":", 1)[-1] == "map"
+        return "its attributes lack 'map_shape' (a map kind's [h, w, d])" if is_map else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v >= 1 for v in shape)):
+        return f"attribute 'map_shape' is {shape!r}, not [h, w, d]"
+    if shape[0] * shape[1] * shape[2] != attrs.get("dim"):
+        return f"attribute map_shape={shape} disagrees with dim={attrs.get('dim')!r} (h*w*d = {int(np.prod(shape))})"
+    return None
 
 
 def group_key(attrs: dict[str, Any]) -> tuple[str, str, str, str]:
