@@ -39,6 +39,7 @@ __all__ = ["ExtractResult", "default_workers", "extract", "forward_step", "group
            "open_or_create", "plan_batches", "run_batches"]
 
 Progress = Callable[[int, int], None]
+Ran = tuple[list[dict[str, str]], int | None, tuple[float, float]]  # skipped, decoded on device, waits
 
 
 @dataclass
@@ -130,7 +131,7 @@ def forward_step(backbone: Backbone, device: str, compile: bool | str = False, k
 def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                 batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
                 decode: str = "workers", compile: bool | str = False, view: str = "center",
-                map_grid: tuple[int, int] | None = None) -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
+                map_grid: tuple[int, int] | None = None) -> Ran:
     """Forward every batch and hand its rows to the chunk writers (one group per feature kind,
     the backbone's logits with the pooled one); returns the skipped samples, how many
     images the device decoded (None with worker decoding), and the seconds the loop waited
@@ -146,7 +147,7 @@ def run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup
 def _run_batches(backbone: Backbone, group: FeatureGroup | dict[str, FeatureGroup], source: ImageSource,
                  batches: list[list[int]], *, device: str, workers: int, on_error: str, progress: Progress | None,
                  decode: str = "workers", compile: bool | str = False, view: str = "center",
-                 map_grid: tuple[int, int] | None = None) -> tuple[list[dict[str, str]], int | None, tuple[float, float]]:
+                 map_grid: tuple[int, int] | None = None) -> Ran:
     """:func:`run_batches` on its device."""
     import torch
 
@@ -261,7 +262,8 @@ def extract(
     # a cache named by path is opened (made, if new) only now: a backbone or data source that
     # fails to load leaves no empty cache behind
     cache = cache if isinstance(cache, Cache) else Cache(cache)
-    decode = _decoding(cache, (model.name, dataset, split), src, decode, device, overwrite)
+    key = (model.name, dataset, split, stored_kind(kinds[0], view))
+    decode = _decoding(cache, key, src, decode, device, overwrite)
     attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view, map_grid)
     if cache.is_url and shard[0] > 0:  # no locks at URLs: shard 0 alone creates the group
         await_group(cache, attrs, len(src), shard, on_wait)
@@ -302,7 +304,7 @@ def _dense_labels(cache: Cache, src: ImageSource, dataset: str, split: str, shar
     return dense_path(dataset, split)
 
 
-def _decoding(cache: Cache, key: tuple[str, str, str], src: ImageSource, decode: str, device: str,
+def _decoding(cache: Cache, key: tuple[str, str, str, str], src: ImageSource, decode: str, device: str,
               overwrite: bool) -> str:
     """The decoding to run; with "auto" a resumed group keeps the one it was started with."""
     if decode == "auto" and not overwrite:
