@@ -177,3 +177,14 @@ def test_extraction_writes_the_dense_labels_of_shapes_once(cache_path):
     assert meta.stat().st_mtime_ns == before  # written once per (dataset, split), whatever the kind
     assert [g.path for g in Cache(cache_path, mode="r").groups()] == [  # not a feature group
         "timm~test_resnet@random/shapes/val", "timm~test_resnet@random/shapes/val~map"]
+
+
+def test_two_writers_at_once_write_the_labels_once(cache_path):
+    """Two extractions of one split (different backbones) write its labels under the group's own lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    Cache(cache_path)  # the cache exists, so its lock folders can be made
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: write_dense_labels(Cache(cache_path), "r", "val", Ragged(n=40)), range(2)))
+    labels = read_dense_labels(Cache(cache_path, mode="r"), "r", "val").verify()
+    np.testing.assert_array_equal(labels.mask(39), Ragged(n=40).mask(39))
