@@ -61,7 +61,7 @@ class Cifar10Mini(ImageSource):
     Samples come class by class in turn, so the first ``10 * k`` are ``k`` per class.
 
     ``shifted`` is the test split under a CIFAR-10-C-style corruption with the same classes
-    (contrast lowered to 40 % and Gaussian noise of sd 0.06, seeded per image): the probe's
+    (contrast lowered to 60 % and Gaussian noise of sd 0.02, seeded per image): the probe's
     distribution-shift test.
     """
 
@@ -97,7 +97,7 @@ class Cifar10Mini(ImageSource):
             return img
         x = np.asarray(img, dtype=np.float64) / 255.0
         seed = int(hashlib.sha256(f"shifted/{sample}".encode()).hexdigest()[:8], 16)
-        x = (x - x.mean()) * 0.4 + x.mean() + np.random.default_rng(seed).normal(0.0, 0.06, x.shape)
+        x = (x - x.mean()) * 0.6 + x.mean() + np.random.default_rng(seed).normal(0.0, 0.02, x.shape)
         return Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8), mode="RGB")
 
     def _fingerprint_extra(self) -> Any:
