@@ -14,10 +14,11 @@ import types
 
 __version__ = "0.1.0"
 
-from backbench.api import TaskResult, battle, extract, knn, ood, probe, report, retrieve, run, shift  # noqa: E402
+from backbench.api import (TaskResult, battle, detect, extract, knn, ood, probe, report, retrieve, run,  # noqa: E402
+                           segment, shift)
 
-__all__ = ["TaskResult", "battle", "extract", "knn", "ood", "probe", "report", "retrieve", "run", "shift",
-           "__version__"]
+__all__ = ["TaskResult", "battle", "detect", "extract", "knn", "ood", "probe", "report", "retrieve", "run", "segment",
+           "shift", "__version__"]
 
 
 class _Package(types.ModuleType):

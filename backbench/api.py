@@ -89,6 +89,23 @@ def shift(backbone: str, dataset: str, *, train: str, eval: str, shifted: Sequen
                **options)
 
 
+def segment(backbone: str, dataset: str, *, train: str, eval: str, val: str | None = None,
+            lr: Sequence[float] | None = None, weight_decay: Sequence[float] | None = None, epochs: int = 20,
+            batch_size: int = 16, **options: Any) -> TaskResult:
+    """The linear segmentation probe on cached maps (``features`` default ``map``): mIoU, pixel accuracy;
+    lr x weight decay chosen on ``val``, else a 10 % holdout of train."""
+    params = {"lr": lr, "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size}
+    return run("segmentation", backbone, dataset, splits={"train": train, "eval": eval, "val": val}, params=params,
+               **options)
+
+
+def detect(backbone: str, dataset: str, *, train: str, eval: str, lr: float = 1e-3, weight_decay: float = 1e-4,
+           epochs: int = 12, batch_size: int = 16, **options: Any) -> TaskResult:
+    """The detection probe on cached maps (simple pyramid + FCOS head): COCO box AP, AP50, AP75."""
+    params = {"lr": lr, "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size}
+    return run("detection", backbone, dataset, splits={"train": train, "eval": eval}, params=params, **options)
+
+
 def extract(backbone: Any, data: Any, *, dataset: str, split: str, cache: Any = None, **options: Any):
     """Extract one (backbone, dataset, split) into the cache; see :func:`backbench.extract.run.extract`."""
     from backbench.extract.run import extract as run_extract

@@ -168,4 +168,6 @@ def test_the_documented_battle_config_is_valid():
     assert blocks, "the docs show a battle config"
     for block in blocks:
         cfg = parse_config(tomllib.loads(block), "README")
-        assert set(cfg.tasks) == {"probe", "fewshot", "knn", "retrieval", "ood", "shift"}
+        assert set(cfg.tasks) == {"probe", "fewshot", "knn", "retrieval", "ood", "shift", "segmentation", "detection"}
+        assert cfg.tasks_for(cfg.datasets["voc"]) == ["segmentation"]
+        assert "segmentation" not in cfg.tasks_for(cfg.datasets["pets"])

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from backbench.battle.config import BattleConfig, DatasetSpec
 from backbench.errors import BackbenchError, require
+from backbench.kinds import is_map
 from backbench.store.cache import Cache
 from backbench.tasks.base import FeatureSpec, RunOptions, get_task, run_task
 
@@ -81,14 +82,33 @@ def _refs(config: BattleConfig, ds: DatasetSpec, stage: str) -> set[tuple[str, s
     return need
 
 
+def dense_kind(kind: str) -> str:
+    """The map kind dense tasks of a ``NAME#KIND`` entry read: KIND when it is a map, else ``map``."""
+    return kind if is_map(kind) else "map"
+
+
+def _input_kind(cell: Cell) -> str:
+    """The feature kind the extraction cells a task cell reads were extracted as."""
+    return dense_kind(cell.features) if get_task(cell.stage).dense else cell.features
+
+
+def _kinds(config: BattleConfig, ds: DatasetSpec, kind: str) -> list[str]:
+    """The kinds a dataset is extracted as for one entry: the entry's kind for image-level tasks
+    (and OOD sets), a map for dense tasks."""
+    tasks = config.tasks_for(ds)
+    dense = [t for t in tasks if get_task(t).dense]
+    out = [kind] if ds.role != "main" or len(dense) < len(tasks) else []
+    return out + ([dense_kind(kind)] if dense and dense_kind(kind) not in out else [])
+
+
 def plan(config: BattleConfig) -> list[Cell]:
     """Extraction cells first (grouped by backbone, so each loads once), then task cells."""
     n = config.shards
-    cells = [Cell("extract", b, d.name, s, (i, n), kind) for b, kind in config.entries
-             for d in config.datasets.values() for s in d.splits for i in range(n)]
-    cells += [Cell(t, b, d.name, features=kind) for b, kind in config.entries for d in config.main_datasets
-              for t in config.tasks]
-    return cells
+    cells = [Cell("extract", b, d.name, s, (i, n), k) for b, kind in config.entries
+             for d in config.datasets.values() for k in _kinds(config, d, kind) for s in d.splits for i in range(n)]
+    cells += [Cell(t, b, d.name, features=kind if not get_task(t).dense or is_map(kind) else "pooled")
+              for b, kind in config.entries for d in config.main_datasets for t in config.tasks_for(d)]
+    return list(dict.fromkeys(cells))  # an entry NAME#cls and NAME share their dense cells
 
 
 def _task(cell: Cell, config: BattleConfig, cache: Cache, options: RunOptions) -> list[tuple[dict, bool]]:
@@ -170,7 +190,7 @@ def _missing_inputs(cell: Cell, config: BattleConfig, failed: set[tuple[str, str
     if cell.stage == "extract":
         return ""
     need = _refs(config, config.datasets[cell.dataset], cell.stage)
-    return ", ".join(sorted(f"{d}/{s}" for d, s in need if (cell.backbone, cell.features, d, s) in failed))
+    return ", ".join(sorted(f"{d}/{s}" for d, s in need if (cell.backbone, _input_kind(cell), d, s) in failed))
 
 
 def _run_cell(cell: Cell, config: BattleConfig, cache_path: str, options: RunOptions, *inputs: CellResult) -> CellResult:
@@ -208,7 +228,7 @@ def run_battle_dask(config: BattleConfig, cache: Cache, client, *,
         if cell.stage == "extract":
             continue
         deps = [f for d, s in sorted(_refs(config, config.datasets[cell.dataset], cell.stage))
-                for f in extraction.get((cell.backbone, cell.features, d, s), [])]
+                for f in extraction.get((cell.backbone, _input_kind(cell), d, s), [])]
         f = client.submit(_run_cell, cell, config, cache.path, options, *deps, key=f"backbench-{run_id}-{cell.label}",
                           pure=False, retries=retries)
         futures[f] = cell

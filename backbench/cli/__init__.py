@@ -115,7 +115,8 @@ def _cell(v: Any) -> Text:
 
 
 def _register_commands() -> None:
-    from backbench.cli import battle_cmds, cache_cmds, ood_cmds, probe_cmds, share_cmds, task_cmds  # noqa: F401
+    from backbench.cli import (battle_cmds, cache_cmds, dense_cmds, ood_cmds, probe_cmds, share_cmds,  # noqa: F401
+                               task_cmds)
 
     task_cmds.add_task_commands()
 

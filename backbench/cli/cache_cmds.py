@@ -94,8 +94,10 @@ class _LazyBar:
 @app.command()
 def extract(
     backbones: List[str] = typer.Argument(..., help="One or more SOURCE:ID[@WEIGHTS] names."),
-    data: str = typer.Option(..., "--data", help="imagefolder:PATH, csv:PATH, digits, textures, torchvision:NAME:ROOT, "
-                                                 "hf-dataset:NAME[:CONFIG][?image=COL&label=COL], wds:PATTERN."),
+    data: str = typer.Option(..., "--data", help="imagefolder:PATH, csv:PATH, cifar10-mini, digits, textures, shapes, "
+                                                 "torchvision:NAME:ROOT, hf-dataset:NAME[:CONFIG][?image=COL&label=COL], "
+                                                 "wds:PATTERN; with masks or boxes: segfolder:IMAGES:MASKS, voc:ROOT, "
+                                                 "ade20k:ROOT, coco:IMAGES:ANNOTATIONS.json."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name in the cache, e.g. cifar10 "
                                           "(default for a built-in --data such as digits: its name)."),
     split: str = typer.Option(..., "--split", help="Split name in the cache, e.g. train."),

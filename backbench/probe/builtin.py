@@ -4,3 +4,4 @@ from backbench.probe import tasks  # noqa: F401  probe, fewshot
 from backbench.probe import neighbour_tasks  # noqa: F401  knn, knn-fewshot, retrieval
 from backbench.probe import ood_tasks  # noqa: F401  ood (and open-set), shift
 from backbench.probe import multilabel  # noqa: F401  probe-multilabel
+from backbench.probe import dense_tasks  # noqa: F401  segmentation, detection

@@ -240,7 +240,9 @@ def copy_records(sources: list[Cache], target: Cache) -> dict[str, int]:
                 continue
             record = dict(node.attrs)
             if record.get("key") == name:
-                log.put(record)
+                arrays = ResultsLog(src).outcomes(record)  # checked against their SHA-256 on the way
+                record.pop("outcomes", None)
+                log.put(record, arrays)
             else:  # not keyed as ResultsLog keys them: keep it under its own name
                 target.root.create_group(f"{RESULTS}/{name}", overwrite=True, attributes=record)
             copied += 1

@@ -6,6 +6,11 @@ records (each record is its own atomically written object). The key is a hash of
 request, so rerunning the same probe on the same cache finds the record instead of
 recomputing it; ``force`` replaces it.
 
+A record may carry per-sample outcomes as arrays (``outcomes``: per-image IoU counts,
+detections): zarr arrays inside the record's group, each with its shape, dtype and SHA-256 in
+the record, so intervals can be computed later without refitting. The arrays are written
+before the record's attributes: a group without a ``key`` attribute is not a record yet.
+
 A cache read over ``http(s)://`` (or at a URL the credentials cannot write) still computes
 results; they are returned but not recorded, with one :class:`ResultsNotRecorded` warning.
 """
@@ -19,8 +24,11 @@ import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from backbench.errors import DamagedGroup
 from backbench.store.cache import Cache
 from backbench.store.structure import RESULTS
+
+OUTCOMES = "outcomes"  # the record field naming its arrays: {name: {shape, dtype, sha256}}
 
 
 def request_key(request: dict[str, Any]) -> str:
@@ -51,24 +59,59 @@ class ResultsLog:
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
-            return dict(self.cache.root[f"{RESULTS}/{key}"].attrs)
+            attrs = dict(self.cache.root[f"{RESULTS}/{key}"].attrs)
         except KeyError:
             return None
+        return attrs if "key" in attrs else None  # outcomes written, attributes not yet: no record
 
-    def put(self, record: dict[str, Any]) -> str:
-        """Log ``record``; on a read-only cache at a URL, warn once per cache and log nothing."""
+    def put(self, record: dict[str, Any], outcomes: dict[str, Any] | None = None) -> str:
+        """Log ``record`` with its ``outcomes`` arrays; on a read-only cache at a URL, warn once
+        per cache and log nothing."""
+        import numpy as np
+
         key = record["key"]
+        arrays = {name: np.ascontiguousarray(a) for name, a in (outcomes or {}).items()}
         clean = json.loads(json.dumps(record, default=_jsonable))
+        if arrays:
+            clean[OUTCOMES] = {name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)}
+                               for name, a in arrays.items()}
         if self.cache.is_url and self.cache.read_only:
             self._not_recorded()
             return key
+        path = f"{RESULTS}/{key}"
         try:
-            self.cache.root.create_group(f"{RESULTS}/{key}", overwrite=True, attributes=clean)
+            if not arrays:
+                self.cache.root.create_group(path, overwrite=True, attributes=clean)
+                return key
+            node = self.cache.root.create_group(path, overwrite=True, attributes={})
+            for name, a in arrays.items():
+                node.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape or None,
+                                  fill_value=0)[...] = a
+            node.attrs.update(clean)
         except PermissionError:  # e.g. an s3:// bucket these credentials may only read
             if not self.cache.is_url:
                 raise
             self._not_recorded()
         return key
+
+    def outcomes(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The per-sample arrays of ``record`` (``{}`` for a record without any), each checked
+        against the shape, dtype and SHA-256 the record holds; :class:`DamagedGroup` otherwise."""
+        wanted = record.get(OUTCOMES) or {}
+        path = f"{RESULTS}/{record.get('key')}"
+        out = {}
+        for name, meta in wanted.items():
+            try:
+                values = self.cache.root[f"{path}/{name}"][...]
+            except Exception as exc:
+                raise DamagedGroup(f"record {path}: its outcome array {name} cannot be read "
+                                   f"({type(exc).__name__}); rerun the task with --force to recompute it") from None
+            if list(values.shape) != list(meta.get("shape", [])) or values.dtype.name != meta.get("dtype") \
+                    or _sha256(values) != meta.get("sha256"):
+                raise DamagedGroup(f"record {path}: its outcome array {name} fails its shape, dtype or SHA-256 "
+                                   f"(changed since written); rerun the task with --force to recompute it")
+            out[name] = values
+        return out
 
     def _not_recorded(self) -> None:
         if getattr(self.cache, "_results_noted", False):
@@ -83,7 +126,7 @@ class ResultsLog:
         except KeyError:
             return []
         try:
-            rows = [dict(g.attrs) for _, g in node.groups()]
+            rows = [a for a in (dict(g.attrs) for _, g in node.groups()) if "key" in a]
         except Exception:
             if not self.cache.is_url:
                 raise
@@ -100,12 +143,19 @@ class ResultsLog:
         if not force and (old := self.get(key)) is not None:
             return old, True
         started = time.perf_counter()
-        outcome = compute()
+        outcome = dict(compute())
+        arrays = outcome.pop(OUTCOMES, None) or {}
         record = {**request, **outcome, "key": key, "wall_s": round(time.perf_counter() - started, 4),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "versions": _versions(), "cache": str(self.cache.path)}
-        self.put(record)
-        return record, False
+        self.put(record, arrays)
+        return (self.get(key) or record) if arrays else record, False
+
+
+def _sha256(values: Any) -> str:
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -92,6 +92,9 @@ def _write_pack(zf: zipfile.ZipFile, root: Path, chosen: list, records: list[dic
     for r in records:
         zf.writestr(f"{RESULTS}/{r['key']}/zarr.json", json.dumps(
             {"zarr_format": 3, "node_type": "group", "attributes": r}))
+        for f in sorted((root / RESULTS / r["key"]).rglob("*")):  # its outcome arrays, if any
+            if f.is_file() and f.parent != root / RESULTS / r["key"] and not f.name.endswith(".partial"):
+                zf.write(f, f.relative_to(root).as_posix())
     zf.writestr(MANIFEST, json.dumps(manifest))
 
 

@@ -136,6 +136,7 @@ class Task:
     records: Mapping[str, str] = field(default_factory=dict)  # other record task names -> their metric
     help: str = ""
     cli: str = ""  # the hand-written command that runs it, if any (else the CLI generates `backbench NAME`)
+    dense: str = ""  # "mask" or "boxes": a dense task, reading a feature map and the dense labels beside it
 
     def check_params(self, raw: Mapping[str, Any], where: str | None = None) -> tuple[dict[str, Any], list[str]]:
         """(params with defaults, problems): unknown keys and refused values, one problem each."""
