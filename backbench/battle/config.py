@@ -7,7 +7,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from backbench.errors import BackbenchError
 from backbench.tasks.base import POS_INT as _POS_INT
