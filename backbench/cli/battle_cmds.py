@@ -165,7 +165,8 @@ def _print_leaderboard(lb) -> None:
     ranked = ["rank", "backbone", "z_mean", "tasks"] + [f"z:{t}" for t in lb.tasks]
     table(shown, ranked, title="leaderboard: z-score per task across backbones, their mean (over the tasks "
                                "counted in `tasks`), rank")
-    table(shown, ["rank", "backbone"] + lb.columns, title="main metric per task:dataset (top-1, mAP, AUROC)")
+    table(shown, ["rank", "backbone"] + lb.columns,
+          title="main metric per task:dataset (top-1, mAP, AUROC, mIoU, box AP)")
     for note in lb.notes():
         out.print(f"note: {note}")
 

@@ -63,6 +63,9 @@ def detect(
     weight_decay: float = typer.Option(1e-4, "--weight-decay", min=0.0, help="AdamW weight decay."),
     epochs: int = typer.Option(12, "--epochs", min=1, help="Passes over train (a fixed schedule)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Maps per step."),
+    width: int = typer.Option(128, "--width", help="Channels of the pyramid and head (a multiple of 32)."),
+    scales: Optional[List[float]] = typer.Option(None, "--scales", help="Pyramid levels as scales of the map "
+                                                                         "(default 4 2 1 0.5, ViTDet's)."),
     common: Common = None,
 ) -> None:
     """Detection probe on cached maps (simple feature pyramid + FCOS head): COCO box AP, AP50, AP75.
@@ -71,7 +74,8 @@ def detect(
 
     Example:  backbench detect -b timm:resnet18@random -d shapes --train train --eval test
     """
-    params = {"lr": lr, "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size}
+    params = {"lr": lr, "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "width": width,
+              "scales": scales}
     pairs = run_request("detection", common, backbone, dataset, {"train": train, "eval": eval_}, params)
     if emit_records(pairs, common, one=True):
         return

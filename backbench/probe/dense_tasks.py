@@ -116,8 +116,12 @@ def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tup
     eval_maps, eval_labels, eval_group = read_dense(cache, request, "eval", kind, "boxes")
     if train_labels.classes != eval_labels.classes:
         raise ProbeInputError(f"{request.dataset}: train and eval have different classes")
+    from backbench.probe.detect import SCALES
+
     params = {"lr": float(request.params["lr"]), "weight_decay": float(request.params["weight_decay"]),
-              "epochs": request.params["epochs"], "batch_size": request.params["batch_size"], "map": kind}
+              "epochs": request.params["epochs"], "batch_size": request.params["batch_size"],
+              "width": request.params["width"], "scales": [float(v) for v in request.params["scales"] or SCALES],
+              "map": kind}
     record = request.record({g.split: g.attrs["cache_key"] for g in (train_group, eval_group)}, params=params)
 
     def compute() -> Record:
@@ -128,7 +132,7 @@ def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tup
             num_classes=len(train_labels.classes), input_size=train_maps.input_size,
             train_sizes=train_labels.image_sizes, eval_sizes=eval_labels.image_sizes, lr=params["lr"],
             weight_decay=params["weight_decay"], epochs=params["epochs"], batch_size=params["batch_size"],
-            device=options.device, seed=request.seed)
+            width=params["width"], scales=params["scales"], device=options.device, seed=request.seed)
         return {"features": kind, "metrics": result.metrics, "outcomes": detections_arrays(result.detections)}
 
     return [logged(cache, request, record, compute, options)]
@@ -148,6 +152,7 @@ def detections_arrays(detections: list) -> dict[str, np.ndarray]:
 
 
 _LISTS = (CS[0], "a non-empty list of positive numbers, e.g. [0.001, 0.01]", CS[2])
+_SCALES = (CS[0], "a non-empty list of pyramid scales of the map, e.g. [4, 2, 1, 0.5] (ViTDet's)", CS[2])
 SEGMENTATION = register(Task(
     "segmentation", _segment,
     {"lr": Param(None, *_LISTS), "weight_decay": Param(None, *_LISTS), "epochs": Param(20, *POS_INT),
@@ -157,6 +162,9 @@ SEGMENTATION = register(Task(
 DETECTION = register(Task(
     "detection", _detect,
     {"lr": Param(1e-3, *NUMBER), "weight_decay": Param(1e-4, *NUMBER), "epochs": Param(12, *POS_INT),
-     "batch_size": Param(16, *POS_INT)},
+     "batch_size": Param(16, *POS_INT),
+     "width": Param(128, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 32 and v % 32 == 0,
+                    "a multiple of 32 (FCOS's GroupNorm(32)), e.g. 128", int),
+     "scales": Param(None, *_SCALES)},
     metric="ap", cli="detect", dense="boxes",
     help="Detection probe (simple feature pyramid + FCOS head) on cached feature maps: COCO box AP."))
