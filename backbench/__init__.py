@@ -16,9 +16,11 @@ __version__ = "0.1.0"
 
 from backbench.api import (TaskResult, battle, detect, extract, knn, ood, probe, report, retrieve, run,  # noqa: E402
                            segment, shift)
+from backbench.api import cluster  # noqa: E402
 
 __all__ = ["TaskResult", "battle", "detect", "extract", "knn", "ood", "probe", "report", "retrieve", "run", "segment",
            "shift", "__version__"]
+__all__ += ["cluster"]
 
 
 class _Package(types.ModuleType):

@@ -109,6 +109,14 @@ def detect(backbone: str, dataset: str, *, train: str, eval: str, lr: float = 1e
     return run("detection", backbone, dataset, splits={"train": train, "eval": eval}, params=params, **options)
 
 
+def cluster(backbone: str, dataset: str, *, eval: str, seeds: int = 3, niter: int = 25,
+            points_per_centroid: int = 256, **options: Any) -> TaskResult:
+    """Spherical k-means (faiss; k = the classes of ``eval``) once per seed, scored with NMI, ARI and
+    V-measure (mean and std over seeds; ranked by NMI, as MIEB); assignments in the record's outcomes."""
+    return run("clustering", backbone, dataset, splits={"eval": eval},
+               params={"seeds": seeds, "niter": niter, "points_per_centroid": points_per_centroid}, **options)
+
+
 def extract(backbone: Any, data: Any, *, dataset: str, split: str, cache: Any = None, **options: Any):
     """Extract one (backbone, dataset, split) into the cache; see :func:`backbench.extract.run.extract`."""
     from backbench.extract.run import extract as run_extract

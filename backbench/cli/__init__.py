@@ -117,6 +117,7 @@ def _cell(v: Any) -> Text:
 def _register_commands() -> None:
     from backbench.cli import (battle_cmds, cache_cmds, dense_cmds, ood_cmds, probe_cmds, share_cmds,  # noqa: F401
                                task_cmds)
+    from backbench.cli import cluster_cmds  # noqa: F401
 
     task_cmds.add_task_commands()
 

@@ -5,3 +5,4 @@ from backbench.probe import neighbour_tasks  # noqa: F401  knn, knn-fewshot, ret
 from backbench.probe import ood_tasks  # noqa: F401  ood (and open-set), shift
 from backbench.probe import multilabel  # noqa: F401  probe-multilabel
 from backbench.probe import dense_tasks  # noqa: F401  segmentation, detection
+from backbench.probe import cluster  # noqa: F401  clustering
