@@ -23,7 +23,7 @@ import logging
 
 from backbench.errors import BackboneNotFound, WeightsError
 # each source registers its loader when imported; in this order `backbench models` lists them
-from backbench.extract.backbones import custom, timm, open_clip, torchvision, hf  # noqa: F401
+from backbench.extract.backbones import custom, timm, open_clip, torchvision, hf, diffusers  # noqa: F401
 from backbench.extract.backbones.custom import custom_backbone
 from backbench.extract.backbones.registry import (
     DOWNLOAD_NOTE,
