@@ -115,6 +115,7 @@ TOP: dict[str, Check] = {
     "batch_size": _POS_INT,
     "workers": (lambda v: is_int(v, 0), "an integer >= 0 (0: decode in the main process)"),
     "shards": _POS_INT,
+    "preset": (is_text, 'a preset name, e.g. "bob" (see `backbench models --preset bob`)'),
 }
 DATASET_KEYS = {"source", "splits", "train", "eval", "val", "role", "limit", "tasks"}
 
@@ -188,11 +189,27 @@ def _dataset(name: str, raw: Any, problems: _Problems) -> DatasetSpec | None:
                        tuple(tasks) if tasks is not None else None)
 
 
+def _with_preset(raw: dict[str, Any], problems: _Problems) -> tuple[Any, bool]:
+    """(``backbones`` with each ``@PRESET`` item and a ``preset = "NAME"`` key expanded to the
+    preset's names, the preset's first; whether it expanded): see :mod:`backbench.extract.backbones.zoo`."""
+    from backbench.extract.backbones.zoo import PresetError, expand
+
+    names, preset = raw.get("backbones"), raw.get("preset")
+    if names is not None and not (isinstance(names, list) and all(isinstance(b, str) for b in names)):
+        return names, True  # _backbones says what is wrong with it
+    try:
+        return expand(([f"@{preset}"] if is_text(preset) else []) + list(names or [])), True
+    except PresetError as exc:
+        problems.append(f"{'preset' if is_text(preset) else 'backbones'}: {exc}")
+        return [], False
+
+
 def _backbones(raw: Any, source: str, problems: _Problems) -> list[str]:
     """Each name resolvable by the backbone registry: source and model known (no weights loaded;
     a weights file that is missing fails its extraction cells, with its own message)."""
     if not isinstance(raw, list) or not raw or not all(isinstance(b, str) for b in raw):
-        problems.append(f"{source}: `backbones` must be a non-empty list of names like \"timm:resnet18@random\"")
+        problems.append(f"{source}: `backbones` must be a non-empty list of names like \"timm:resnet18@random\" "
+                        f"(or preset = \"bob\")")
         return []
     from backbench.errors import WeightsError
     from backbench.extract.backbones import resolve
@@ -249,7 +266,8 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:
     """Validate a whole parsed TOML document; every problem is reported at once, each naming its key."""
     problems = _Problems()
     problems.unknown("", raw, {"backbones", "datasets", "tasks", *TOP})
-    backbones = _backbones(raw.get("backbones"), source, problems)
+    names, expanded = _with_preset(raw, problems)
+    backbones = _backbones(names, source, problems) if expanded else []
     datasets_raw = raw.get("datasets")
     datasets: dict[str, DatasetSpec] = {}
     if not isinstance(datasets_raw, dict) or not datasets_raw:

@@ -19,13 +19,18 @@ def models(
     source: Optional[str] = typer.Option(None, "--source",
                                          help="Only this source: timm, open_clip, torchvision, hf (or a plugin's)."),
     limit: int = typer.Option(200, "--limit", help="At most this many names."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named list instead: bob (the Battle of the "
+                                                               "Backbones zoo by hub names, and what no hub has)."),
     json_: bool = JsonOpt,
 ) -> None:
     """List backbones that can be named; ✓ marks weights already on this machine.
 
     Example:  backbench models --source timm 'efficientnet_lite*'
               backbench models --source torchvision resnet
+              backbench models --preset bob
     """
+    if preset is not None:
+        return _preset(preset, json_)
     from backbench.extract.backbones import SOURCES, ensure_sources
     from backbench.extract.catalog import catalog, on_machine
 
@@ -43,6 +48,21 @@ def models(
                   "weights), e.g. timm:resnet18@random, torchvision:resnet50@IMAGENET1K_V2, open_clip:ViT-B-32@random;\n"
                   "any transformers vision model as hf:OWNER/NAME or hf:/path/to/dir.\n"
                   "Browse: backbench models --source timm vit; backbench models --source torchvision resnet")
+
+
+def _preset(preset: str, json_: bool) -> None:
+    """``models --preset NAME``: each entry, whether its weights are local, and why a missing one is."""
+    from backbench.extract.backbones.zoo import preset_rows
+
+    rows = preset_rows(preset)
+    if json_:
+        return emit_json(rows)
+    shown = [{**r, "name": r["name"] or "(no hub)", "bob": r["bob"] or "-",
+              "weights": r["weights"] if r["name"] else "missing: " + r["missing"]} for r in rows]
+    table(shown, ["name", "bob", "family", "on_machine", "weights"], title=f"preset {preset}")
+    have = sum(1 for r in rows if r["name"])
+    out.print(f"{have} of {len(rows)} entries have a hub name; a battle config takes them all as preset = "
+              f"\"{preset}\" or backbones = [\"@{preset}\"]. Sources and notes: docs/names.md#the-bob-zoo")
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:
