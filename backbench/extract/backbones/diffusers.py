@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,14 +150,17 @@ def _cached() -> list[str]:
 # ---------------------------------------------------------------------------------------- loading
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence diffusers' and transformers' progress bars and info logging while loading."""
+    """Silence diffusers' and transformers' progress bars, info logging and the deprecation
+    warnings they give each other while loading (all restored after)."""
     libs = [require("diffusers.utils.logging", extra="sd"), require("transformers.utils.logging", extra="sd")]
     saved = [(lib, lib.is_progress_bar_enabled(), lib.get_verbosity()) for lib in libs]
     for lib in libs:
         lib.disable_progress_bar()
         lib.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for lib, bars, level in saved:
             lib.set_verbosity(level)
@@ -216,7 +220,7 @@ def _check_unet(name: str, unet: Any) -> None:
                                f"diffusers: runs Stable Diffusion 1.x/2.x UNets")
 
 
-def _components(name: str, repo: str, where: str, random: bool) -> tuple[Any, Any, Any, Any, str]:
+def _components(name: str, repo: str, where: str, random: bool, why: str = "") -> tuple[Any, Any, Any, Any, str]:
     """(unet, vae, text encoder, tokenizer, weights note): pretrained, or built from the configs."""
     diffusers = require("diffusers", extra="sd")
     transformers = require("transformers", extra="sd")
@@ -238,7 +242,7 @@ def _components(name: str, repo: str, where: str, random: bool) -> tuple[Any, An
         raise
     except Exception as exc:
         raise WeightsError(f"cannot load {name} from {where} ({type(exc).__name__}: "
-                           f"{(str(exc).splitlines() or [''])[0][:200]}); offline? a hub repo needs the network "
+                           f"{(str(exc).splitlines() or [''])[0][:200]}{why}); offline? a hub repo needs the network "
                            f"once; or give diffusers:/path/to/a/pipeline/dir (safetensors weights)") from exc
     return unet, vae, text, tokenizer, f"pretrained weights from {where} via diffusers (safetensors)"
 
@@ -292,9 +296,9 @@ def load_diffusers(spec: BackboneSpec) -> Backbone:
     random = spec.weights == RANDOM
     if local and not random:
         _refuse_pickles(name, Path(repo))
-    with _quiet(), loading(), (nullcontext("") if local else hub_or_offline()):
+    with _quiet(), loading(), (nullcontext("") if local else hub_or_offline()) as why:
         _check_index(name, _model_index(repo, local), where)
-        unet, vae, text, tokenizer, note = _components(name, repo, where, random)
+        unet, vae, text, tokenizer, note = _components(name, repo, where, random, why)
     _check_unet(name, unet)
     blocks = len(unet.down_blocks)
     if any(p != "mid" and int(p[4:]) >= blocks for p in opts.pool):
