@@ -46,8 +46,8 @@ def _models(seed: int = 3):
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=8, layers_per_block=1,
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5,
+                        block_out_channels=(8,) * 5, latent_channels=4, norm_num_groups=8, layers_per_block=1,
                         sample_size=256)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=60, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                         num_hidden_layers=2, max_position_embeddings=16, bos_token_id=52,
@@ -208,3 +208,18 @@ def test_pickles_and_custom_code_are_refused(pipeline, tmp_path):
         load_backbone(f"diffusers:{custom}")
     with pytest.raises(WeightsError, match="no diffusers pipeline folder"):
         load_backbone(f"diffusers:{tmp_path}")
+
+
+def test_tasks_run_on_the_cached_features(pipeline, tmp_path):
+    """The feature goes through the Backbone contract, so the cache-reading tasks take it as any other."""
+    import backbench
+
+    name = f"diffusers:{pipeline[0]},prompt=@random"
+    cache = str(tmp_path / "c.zarr")
+    for split, n in (("train", 20), ("test", 10)):
+        extract(name, open_source("cifar10-mini", split), cache=cache, dataset="c", split=split, limit=n,
+                workers=0, batch_size=10)
+    knn = backbench.knn(name, "c", train="train", eval="test", k=[1, 3], cache=cache)
+    probe = backbench.probe(name, "c", train="train", eval="test", C=[1.0], cache=cache)
+    for result in (knn, probe):
+        assert result.record["backbone"] == name and 0.0 <= result.metrics["top1"] <= 1.0
