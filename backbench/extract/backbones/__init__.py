@@ -7,7 +7,8 @@ a known package put on this machine), a path to a state dict, or a tag the sourc
 (torchvision's ``@IMAGENET1K_V2``).
 
 One module per source, each imported below so that its loader is registered: ``timm:``,
-``open_clip:``, ``torchvision:``, ``hf:`` (transformers) and ``custom:`` (any ``nn.Module``,
+``open_clip:``, ``torchvision:``, ``hf:`` (transformers), ``diffusers:`` (the Stable Diffusion
+backbone) and ``custom:`` (any ``nn.Module``,
 see :func:`custom_backbone`). They share :mod:`.hub` (reachability, offline mode, quiet
 weights-only loading) and :mod:`.weights` (state dicts). Packages add their own sources
 through the ``backbench.backbones`` entry point group: each entry point names a function that
