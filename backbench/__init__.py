@@ -21,6 +21,8 @@ from backbench.api import cluster  # noqa: E402
 __all__ = ["TaskResult", "battle", "detect", "extract", "knn", "ood", "probe", "report", "retrieve", "run", "segment",
            "shift", "__version__"]
 __all__ += ["cluster"]
+from backbench.api import zeroshot  # noqa: E402
+__all__ += ["zeroshot"]
 
 
 class _Package(types.ModuleType):

@@ -117,6 +117,16 @@ def cluster(backbone: str, dataset: str, *, eval: str, seeds: int = 3, niter: in
                params={"seeds": seeds, "niter": niter, "points_per_centroid": points_per_centroid}, **options)
 
 
+def zeroshot(backbone: str, dataset: str, *, eval: str, templates: str | Sequence[str] | None = None,
+             **options: Any) -> TaskResult:
+    """Zero-shot classification of ``eval`` with the backbone's text tower: top-1, top-5, mean
+    per-class recall. ``templates``: ``"openai"`` (CLIP's 80 ImageNet templates, the default),
+    ``"simple"`` (7 of them) or a list of templates with ``{c}``."""
+    if templates is not None and not isinstance(templates, str):
+        templates = list(templates)
+    return run("zeroshot", backbone, dataset, splits={"eval": eval}, params={"templates": templates}, **options)
+
+
 def extract(backbone: Any, data: Any, *, dataset: str, split: str, cache: Any = None, **options: Any):
     """Extract one (backbone, dataset, split) into the cache; see :func:`backbench.extract.run.extract`."""
     from backbench.extract.run import extract as run_extract

@@ -56,6 +56,11 @@ class ProbeInputError(BackbenchError, ValueError):
     """Inputs to a probe that cannot give a meaningful result."""
 
 
+class NotApplicable(BackbenchError):
+    """A task that does not apply to this backbone (zero-shot on a backbone without a text tower):
+    the battle shows the cell as n/a, never as a failure."""
+
+
 class MissingDependency(BackbenchError, ImportError):
     """An optional package that is not installed."""
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from backbench.battle.config import BattleConfig, DatasetSpec
-from backbench.errors import BackbenchError, require
+from backbench.errors import BackbenchError, NotApplicable, require
 from backbench.kinds import is_map
 from backbench.store.cache import Cache
 from backbench.tasks.base import FeatureSpec, RunOptions, get_task, run_task
@@ -44,7 +44,7 @@ class Cell:
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # "done", "reused", "failed", "skipped"
+    status: str  # "done", "reused", "failed", "skipped", "n/a" (the task does not apply to this backbone)
     seconds: float = 0.0
     records: int = 0
     message: str = ""  # one line: what went wrong
@@ -155,6 +155,8 @@ def _run_one(cell: Cell, config: BattleConfig, cache: Cache, options: RunOptions
             pairs = _task(cell, config, cache, options)
             result.records = len(pairs)
             result.status = "reused" if pairs and all(reused for _, reused in pairs) else "done"
+    except NotApplicable as exc:  # e.g. zero-shot on a backbone without a text tower: a note, not a failure
+        result.status, result.message = "n/a", str(exc)
     except Exception as exc:  # a bug in one cell must not sink the battle
         result.fail(exc)
     result.seconds = time.perf_counter() - started

@@ -118,6 +118,7 @@ def _register_commands() -> None:
     from backbench.cli import (battle_cmds, cache_cmds, dense_cmds, ood_cmds, probe_cmds, share_cmds,  # noqa: F401
                                task_cmds)
     from backbench.cli import cluster_cmds  # noqa: F401
+    from backbench.cli import vl_cmds  # noqa: F401
 
     task_cmds.add_task_commands()
 

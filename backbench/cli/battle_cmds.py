@@ -70,7 +70,8 @@ class _CellLines:
     def __call__(self, r) -> None:
         self.done += 1
         err.print(f"[{self.done}/{self.total}] {r.cell.label}: {r.status} in {r.seconds:.1f}s"
-                  + (f": {r.message}" if r.message and r.status in ("failed", "skipped") else ""), soft_wrap=True)
+                  + (f": {r.message}" if r.message and r.status in ("failed", "skipped", "n/a") else ""),
+                  soft_wrap=True)
 
 
 def _battle_here(cfg, store, n_cells: int, memory_limit: Optional[str]):
@@ -144,11 +145,14 @@ def _finish(summary, store, json_: bool) -> None:
     if json_:
         emit_json({"cells": rows, "leaderboard": lb.to_dict(), "report": str(target), "cache": str(store.path)})
     else:
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "reused", "failed", "skipped")}
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "reused", "failed", "skipped", "n/a")}
         out.print("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
         bad = [r for r in rows if r["status"] in ("failed", "skipped")]
         if bad:
             table(bad, ["stage", "backbone", "dataset", "split", "status", "message"], title="failed cells")
+        na = [r for r in rows if r["status"] == "n/a"]
+        if na:
+            table(na, ["stage", "backbone", "dataset", "message"], title="n/a cells (the task does not apply)")
         _print_leaderboard(lb)
         out.print(f"HTML report: {target}")
         out.print(f"the leaderboard again: backbench report --cache {store.path}")

@@ -6,3 +6,4 @@ from backbench.probe import ood_tasks  # noqa: F401  ood (and open-set), shift
 from backbench.probe import multilabel  # noqa: F401  probe-multilabel
 from backbench.probe import dense_tasks  # noqa: F401  segmentation, detection
 from backbench.probe import cluster  # noqa: F401  clustering
+from backbench.probe import zeroshot  # noqa: F401  zeroshot

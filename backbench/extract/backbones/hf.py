@@ -271,3 +271,52 @@ def load_hf(spec: BackboneSpec) -> Backbone:
     if processor is None:
         note += f"; {how}"
     return Backbone(spec, HFImageTower(base, pool), pre, _forward, False, note)
+
+
+def text_encoder(spec: BackboneSpec) -> tuple[Any, dict[str, Any]]:
+    """The text tower of an ``hf:`` model with one (CLIP, SigLIP: ``get_text_features``) and the
+    repo's own tokenizer: ``(encode(texts) -> (n, d) tensor, info)``. The model loads as
+    :func:`load_hf` loads it, so ``info["image_weights_sha256"]`` is what its image groups record.
+    Texts are padded to the tokenizer's maximum length (SigLIP was trained that way; CLIP masks
+    the padding)."""
+    import torch
+
+    from backbench.errors import NotApplicable
+    from backbench.extract.backbones.towers import HFImageTower
+    from backbench.extract.backbones.weights import state_dict_sha256
+
+    AutoTokenizer = require("transformers", extra="hf").AutoTokenizer
+    local = _is_dir(spec.id)
+    repo = str(Path(spec.id).expanduser()) if local else spec.id
+    where = f"directory {repo}" if local else f"hub repo {repo}"
+    with _quiet(), loading(), (nullcontext("") if local else hub_or_offline()) as why:
+        config = _config(spec, repo, where, why)
+        base, missing, note = _base(spec, repo, where, config)
+        if not (hasattr(base, "get_text_features") and hasattr(base, "vision_model")):
+            raise NotApplicable(f"hf:{spec.id} is a {type(base).__name__}: it has no text tower for zero-shot "
+                                f"or text retrieval (CLIP and SigLIP models do)")
+        _refuse_random_tensors(spec, base, missing, where)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=False)
+        except Exception as exc:
+            _refuse_custom_code(spec, repo, where, "tokenizer_config.json")
+            raise WeightsError(f"cannot read the tokenizer of {where} ({type(exc).__name__}: "
+                               f"{(str(exc).splitlines() or [''])[0][:160]}{why})") from exc
+    text_cfg = _get(config, "text_config")
+    length = int(_get(text_cfg, "max_position_embeddings") or 64)
+    if 0 < int(getattr(tokenizer, "model_max_length", 0) or 0) < length:
+        length = int(tokenizer.model_max_length)
+
+    def encode(texts: list[str]) -> Any:
+        tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                           return_tensors="pt")
+        tokens.pop("token_type_ids", None)
+        with torch.inference_mode():
+            out = base.get_text_features(**tokens)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output
+
+    info = {"image_weights_sha256": state_dict_sha256(HFImageTower(base, "pooler").state_dict()),
+            "weights_sha256": state_dict_sha256(base.state_dict()),
+            "tokenizer": f"{type(tokenizer).__name__} of {where}, padded to {length}", "weights_note": note}
+    base.eval().requires_grad_(False)
+    return encode, info

@@ -11,7 +11,7 @@ from typing import Any
 from backbench.errors import WeightsError, require
 from backbench.extract.backbones.hub import fetching
 from backbench.extract.backbones.registry import RANDOM, Backbone, BackboneSpec, register_source
-from backbench.extract.backbones.weights import seeded
+from backbench.extract.backbones.weights import seeded, state_dict_sha256
 from backbench.extract.preprocess import Preprocess
 
 
@@ -51,9 +51,8 @@ def _preprocess(visual: Any) -> Preprocess:
     )
 
 
-@register_source("open_clip", list_ids=lambda: _ids(), validate=_valid)
-def load_open_clip(spec: BackboneSpec) -> Backbone:
-    """``open_clip:ARCH/TAG`` (pretrained) or ``open_clip:ARCH@random``."""
+def _create(spec: BackboneSpec) -> tuple[Any, str]:
+    """The whole open_clip model a name builds (both towers) and its weights note."""
     open_clip = require("open_clip", extra="clip")
 
     arch, _, tag = spec.id.partition("/")
@@ -64,10 +63,38 @@ def load_open_clip(spec: BackboneSpec) -> Backbone:
         )
     if spec.weights == RANDOM:
         seeded()
-        model = open_clip.create_model(arch, pretrained=None)
-        note = "random init (torch seed 0)"
-    else:
-        with fetching(f"open_clip weights {arch}/{tag}", f"open_clip:{arch}@random"):
-            model = open_clip.create_model(arch, pretrained=tag)
-        note = f"open_clip pretrained tag {tag}"
+        return open_clip.create_model(arch, pretrained=None), "random init (torch seed 0)"
+    with fetching(f"open_clip weights {arch}/{tag}", f"open_clip:{arch}@random"):
+        model = open_clip.create_model(arch, pretrained=tag)
+    return model, f"open_clip pretrained tag {tag}"
+
+
+@register_source("open_clip", list_ids=lambda: _ids(), validate=_valid)
+def load_open_clip(spec: BackboneSpec) -> Backbone:
+    """``open_clip:ARCH/TAG`` (pretrained) or ``open_clip:ARCH@random``."""
+    model, note = _create(spec)
     return Backbone(spec, model.visual, _preprocess(model.visual), _forward, False, note)
+
+
+def text_encoder(spec: BackboneSpec) -> tuple[Any, dict[str, Any]]:
+    """The text tower of ``open_clip:ARCH/TAG`` or ``open_clip:ARCH@random`` with open_clip's own
+    tokenizer: ``(encode(texts) -> (n, d) tensor, info)``. The model is built exactly as
+    :func:`load_open_clip` builds it, so ``info["image_weights_sha256"]`` is the weights hash
+    the image groups of this name record."""
+    import torch
+
+    open_clip = require("open_clip", extra="clip")
+
+    model, note = _create(spec)
+    model.eval().requires_grad_(False)
+    arch = spec.id.partition("/")[0]
+    tokenizer = open_clip.get_tokenizer(arch)
+
+    def encode(texts: list[str]) -> Any:
+        with torch.inference_mode():
+            return model.encode_text(tokenizer(texts))
+
+    info = {"image_weights_sha256": state_dict_sha256(model.visual.state_dict()),
+            "weights_sha256": state_dict_sha256(model.state_dict()),
+            "tokenizer": f"open_clip.get_tokenizer({arch!r}): {type(tokenizer).__name__}", "weights_note": note}
+    return encode, info
