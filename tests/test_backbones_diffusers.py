@@ -148,6 +148,15 @@ def test_names_are_canonical_and_checked(pipeline):
         resolve(f"diffusers:{folder / 'model_index.json'}")
 
 
+def test_a_hub_repo_out_of_reach_fails_in_one_line(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="nobody/no-such-sd .*HF_HUB_OFFLINE is set.*offline\\?") as err:
+        load_backbone("diffusers:nobody/no-such-sd,prompt=")
+    assert "\n" not in str(err.value)
+
+
 def test_random_init_is_seeded_and_not_the_pretrained_weights(pipeline):
     folder = pipeline[0]
     a, b = load_backbone(f"diffusers:{folder}@random"), load_backbone(f"diffusers:{folder}@random")
