@@ -68,6 +68,8 @@ def pipeline(tmp_path_factory):
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
     return folder, unet, vae, text, tok
 
 
@@ -142,6 +144,8 @@ def test_names_are_canonical_and_checked(pipeline):
             resolve(f"diffusers:{folder}{bad}")
     with pytest.raises(BackboneNotFound, match="down0..down1 and mid"):
         load_backbone(f"diffusers:{folder},pool=down2")
+    with pytest.raises(BackboneNotFound, match="timesteps 0..999"):
+        load_backbone(f"diffusers:{folder},t=1000")
     with pytest.raises(WeightsError, match="@random"):
         load_backbone(f"diffusers:{folder}@local")
     with pytest.raises(WeightsError, match="single file"):

@@ -168,15 +168,16 @@ def _quiet() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def _model_index(repo: str, local: bool) -> dict[str, Any]:
-    """The pipeline's ``model_index.json`` ({} when there is none or it cannot be had)."""
+def _pipeline_json(repo: str, local: bool, file: str) -> dict[str, Any]:
+    """A JSON file of the pipeline (``model_index.json``, the scheduler's config); {} when there
+    is none or it cannot be had."""
     try:
         if local:
-            path = Path(repo) / "model_index.json"
+            path = Path(repo) / file
         else:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(repo, "model_index.json"))
+            path = Path(hf_hub_download(repo, file))
         return json.loads(path.read_text()) if path.is_file() else {}
     except Exception:
         return {}
@@ -297,7 +298,11 @@ def load_diffusers(spec: BackboneSpec) -> Backbone:
     if local and not random:
         _refuse_pickles(name, Path(repo))
     with _quiet(), loading(), (nullcontext("") if local else hub_or_offline()) as why:
-        _check_index(name, _model_index(repo, local), where)
+        _check_index(name, _pipeline_json(repo, local, "model_index.json"), where)
+        steps = _pipeline_json(repo, local, "scheduler/scheduler_config.json").get("num_train_timesteps")
+        if isinstance(steps, int) and opts.timestep >= steps:
+            raise BackboneNotFound(f"{spec}: t={opts.timestep}, but the pipeline's scheduler has timesteps "
+                                   f"0..{steps - 1}")
         unet, vae, text, tokenizer, note = _components(name, repo, where, random, why)
     _check_unet(name, unet)
     blocks = len(unet.down_blocks)
