@@ -89,7 +89,8 @@ def _centroids(X: Any, rows: np.ndarray, n_clusters: int, *, niter: int, seed: i
     gpu = str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     km = faiss.Kmeans(sample.shape[1], n_clusters, niter=niter, seed=seed, spherical=True, gpu=gpu,
                       min_points_per_centroid=1, max_points_per_centroid=max(1, -(-len(sample) // n_clusters)))
-    init, _ = kmeans_plusplus(sample, n_clusters, random_state=seed)  # scikit-learn's k-means++ seeding
+    # scikit-learn's k-means++ seeding, in float64: on float32 it upcasts block by block, 5x slower
+    init, _ = kmeans_plusplus(sample.astype(np.float64), n_clusters, random_state=seed)
     km.train(sample, init_centroids=l2_normalize(np.ascontiguousarray(init, dtype=np.float32)))
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
