@@ -23,6 +23,8 @@ __all__ = ["TaskResult", "battle", "detect", "extract", "knn", "ood", "probe", "
 __all__ += ["cluster"]
 from backbench.api import zeroshot  # noqa: E402
 __all__ += ["zeroshot"]
+from backbench.api import text_retrieval  # noqa: E402
+__all__ += ["text_retrieval"]
 
 
 class _Package(types.ModuleType):

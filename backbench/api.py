@@ -127,6 +127,14 @@ def zeroshot(backbone: str, dataset: str, *, eval: str, templates: str | Sequenc
     return run("zeroshot", backbone, dataset, splits={"eval": eval}, params={"templates": templates}, **options)
 
 
+def text_retrieval(backbone: str, dataset: str, *, split: str, ks: Sequence[int] | None = None,
+                   **options: Any) -> TaskResult:
+    """Image-text retrieval of a captioned ``split`` with the backbone's text tower: image->text and
+    text->image recall@k (CLIP_benchmark's), ranked by their mean."""
+    return run("text-retrieval", backbone, dataset, splits={"eval": split},
+               params={"ks": list(ks) if ks else None}, **options)
+
+
 def extract(backbone: Any, data: Any, *, dataset: str, split: str, cache: Any = None, **options: Any):
     """Extract one (backbone, dataset, split) into the cache; see :func:`backbench.extract.run.extract`."""
     from backbench.extract.run import extract as run_extract

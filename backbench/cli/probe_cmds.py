@@ -176,12 +176,19 @@ def retrieve(
     gallery: str = typer.Option(..., "--gallery", help="Split to search (same split: self excluded)."),
     ks: Optional[List[int]] = typer.Option(None, "--ks", help="Cut-offs for P@k and R@k, e.g. 1 5 10."),
     index: str = typer.Option("flat", "--index", help="flat (exact), ivf or hnsw (approximate)."),
+    text: bool = typer.Option(False, "--text", help="Image-text retrieval of a captioned split (--query and "
+                                                    "--gallery the same): recall@k both ways."),
     common: Common = None,
 ) -> None:
     """Image retrieval (relevant = same label): mAP, precision@k, recall@k, MRR.
 
+    With --text: image->text and text->image recall@k of a captioned split's images and captions,
+    through the backbone's text tower (CLIP_benchmark's protocol).
+
     Example:  backbench retrieve -b timm:resnet18@random -d digits --query test --gallery train --ks 1 5 10
     """
+    if text:
+        return _text_retrieve(common, backbone, dataset, query, gallery, ks)
     if index not in ("flat", "ivf", "hnsw"):
         raise OptionError(f"--index {index!r}: use flat, ivf or hnsw")
     pairs = run_request("retrieval", common, backbone, dataset, {"train": gallery, "eval": query},
@@ -192,3 +199,21 @@ def retrieve(
     rows = [{"metric": key, "value": value} for key, value in record["metrics"].items() if isinstance(value, float)]
     table(rows, ["metric", "value"], title=f"retrieval {backbone} on {dataset}: {query} -> {gallery}"
           + (" (reused)" if reused else ""))
+
+
+def _text_retrieve(common: Common, backbone: str, dataset: str, query: str, gallery: str,
+                   ks: Optional[List[int]]) -> None:
+    """``retrieve --text``: the text-retrieval task on one captioned split."""
+    if query != gallery:
+        raise OptionError(f"--text searches one captioned split's images and captions: give the same split as "
+                          f"--query and --gallery, not {query!r} and {gallery!r}")
+    pairs = run_request("text-retrieval", common, backbone, dataset, {"eval": query}, {"ks": ks})
+    if emit_records(pairs, common, one=True):
+        return
+    ((record, reused),) = pairs
+    m = record["metrics"]
+    rows = [{"k": k, "image_to_text": m[f"image_to_text_R@{k}"], "text_to_image": m[f"text_to_image_R@{k}"]}
+            for k in record["params"]["ks"]]
+    table(rows, ["k", "image_to_text", "text_to_image"],
+          title=f"text retrieval {backbone} on {dataset}/{query}: recall@k, {m['n_images']} images, "
+                f"{m['n_texts']} captions, mean {m['mean_recall']:.4f}" + (" (reused)" if reused else ""))

@@ -152,13 +152,12 @@ class TextEmbeddings:
         return self.attrs["cache_key"]
 
 
-def cached_text(cache: Cache, backbone: str, what: str, payload: dict[str, Any], ids: Sequence[str],
-                labels: Sequence[int], image_weights: str,
-                compute: Callable[[TextTower], np.ndarray]) -> TextEmbeddings:
-    """The text embeddings ``compute(tower)`` gives for ``payload`` (the texts, with ``ids`` and
-    ``labels`` per row), read from the cache when a group of the same texts, beside image
-    features of the same weights (``image_weights``), is there whole; else computed with the
-    backbone's text tower (loaded only then) and stored."""
+def cached_text(cache: Cache, backbone: str, what: str, payload: dict[str, Any], image_weights: str,
+                compute: Callable[[TextTower], tuple[np.ndarray, Sequence[int], Sequence[str]]]) -> TextEmbeddings:
+    """The text embeddings of ``payload`` (what names the texts), read from the cache when a group
+    of the same texts, beside image features of the same weights (``image_weights``), is there
+    whole; else ``compute(tower) -> (embeddings, label per row, id per row)`` with the backbone's
+    text tower (loaded only then), stored."""
     from backbench.store.lock import group_locked
 
     digest = text_sha256({"what": what, **payload})
@@ -171,7 +170,8 @@ def cached_text(cache: Cache, backbone: str, what: str, payload: dict[str, Any],
         raise ProbeInputError(f"the cached image features of {backbone} were extracted with other weights "
                               f"(sha256 {image_weights[:12]}) than its text tower loads now "
                               f"({tower.info['image_weights_sha256'][:12]}); extract them again with --overwrite")
-    X = np.asarray(compute(tower), dtype=np.float32)
+    X, labels, ids = compute(tower)
+    X = np.asarray(X, dtype=np.float32)
     cache.require_writable("store text embeddings")
     with group_locked(cache.path, path):
         found = _read(cache, path, digest, image_weights)  # another writer may have stored them meanwhile

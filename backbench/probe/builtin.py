@@ -7,3 +7,4 @@ from backbench.probe import multilabel  # noqa: F401  probe-multilabel
 from backbench.probe import dense_tasks  # noqa: F401  segmentation, detection
 from backbench.probe import cluster  # noqa: F401  clustering
 from backbench.probe import zeroshot  # noqa: F401  zeroshot
+from backbench.probe import text_retrieval  # noqa: F401  text-retrieval

@@ -82,11 +82,11 @@ def _zeroshot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
     templates = templates_of(given)
     classes = [str(c) for c in ev.classes]
 
-    def embed(tower) -> np.ndarray:
-        return class_embeddings(tower.embed(prompts(classes, templates)), len(classes))
+    def embed(tower):
+        return class_embeddings(tower.embed(prompts(classes, templates)), len(classes)), range(len(classes)), classes
 
     text = cached_text(cache, request.backbone, "prompts", {"classes": classes, "templates": templates},
-                       classes, range(len(classes)), ev.group.attrs["weights_sha256"], embed)
+                       ev.group.attrs["weights_sha256"], embed)
     if text.X.shape[1] != ev.X.shape[1]:
         raise ProbeInputError(f"{ev.label}: image embeddings have {ev.X.shape[1]} features but the text tower "
                               f"gives {text.X.shape[1]}; the cached features are not this CLIP's embedding")

@@ -1,7 +1,9 @@
 """Data sources, one module per kind, behind a small prefix dispatch (as timm's
 ``data/readers/`` and ``reader_factory.py``): ``imagefolder:PATH``, ``csv:PATH``, the built-in
 ``cifar10-mini``, ``digits`` and ``textures``, ``torchvision:NAME:ROOT``, ``hf-dataset:NAME[:CONFIG]`` and
-``wds:PATTERN`` (WebDataset shards); dense sources (pixel masks or object boxes, :mod:`.dense`):
+``wds:PATTERN`` (WebDataset shards); captioned sources (:mod:`.captions`, for image-text
+retrieval): ``captions:PATH.jsonl`` and ``csv:PATH?caption=COL``; dense sources (pixel masks or
+object boxes, :mod:`.dense`):
 ``segfolder:IMAGES:MASKS``, ``voc:ROOT``, ``ade20k:ROOT``, ``coco:IMAGES:ANNOTATIONS.json`` and the
 built-in ``shapes``.
 
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backbench.errors import DataSourceError
-from backbench.extract.datasets import builtin, csv, dense, folder, hf, shapes, torchvision, wds
+from backbench.extract.datasets import builtin, dense, folder, hf, shapes, torchvision, wds
+from backbench.extract.datasets import captions
 from backbench.extract.datasets.base import FileSource, ImageSource, open_rgb, open_rgb_bytes, to_rgb
 from backbench.extract.datasets.builtin import Cifar10Mini, Digits, Textures
 from backbench.extract.datasets.csv import CsvSource
@@ -50,7 +53,8 @@ class SourceKind:
 
 SOURCES: dict[str, SourceKind] = {
     "imagefolder": SourceKind(folder.open_folder, "imagefolder:PATH", "imagefolder:/data/train"),
-    "csv": SourceKind(csv.open_csv, "csv:PATH", "csv:/data/train", frozenset({"labels"})),
+    "csv": SourceKind(captions.open_csv, "csv:PATH[?caption=COL]", "csv:/data/train", frozenset({"labels"})),
+    "captions": SourceKind(captions.open_captions, "captions:PATH.jsonl", "captions:/data/flickr30k/test.jsonl"),
     "cifar10-mini": SourceKind(builtin.open_cifar10_mini, "cifar10-mini", None),
     "digits": SourceKind(builtin.open_digits, "digits", None),
     "textures": SourceKind(builtin.open_textures, "textures", None),
