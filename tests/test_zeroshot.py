@@ -79,7 +79,7 @@ def test_text_group_is_reused_and_keyed_on_templates(clip_cache, monkeypatch):
     first = backbench.zeroshot(CLIP, "toy", eval="test", templates=TEMPLATES[:2], cache=clip_cache, device="cpu")
     assert not first.reused[0]
 
-    def no_tower(name):
+    def no_tower(*args):
         raise AssertionError("the text tower was loaded although its embeddings are cached")
 
     monkeypatch.setattr(text, "load_text_tower", no_tower)

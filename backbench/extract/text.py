@@ -61,8 +61,8 @@ def check_text_source(backbone: str) -> None:
                             f"backbone (open_clip:ARCH/TAG, or an hf: CLIP or SigLIP model)")
 
 
-def load_text_tower(backbone: str) -> TextTower:
-    """The text tower of ``backbone`` (``open_clip:`` or an ``hf:`` CLIP/SigLIP name)."""
+def load_text_tower(backbone: str, device: str = "cpu") -> TextTower:
+    """The text tower of ``backbone`` (``open_clip:`` or an ``hf:`` CLIP/SigLIP name) on ``device``."""
     from backbench.extract.backbones import resolve
 
     check_text_source(backbone)
@@ -71,7 +71,7 @@ def load_text_tower(backbone: str) -> TextTower:
         from backbench.extract.backbones.open_clip import text_encoder
     else:
         from backbench.extract.backbones.hf import text_encoder
-    encode, info = text_encoder(spec)
+    encode, info = text_encoder(spec, device)
     return TextTower(backbone, encode, info)
 
 
@@ -153,11 +153,12 @@ class TextEmbeddings:
 
 
 def cached_text(cache: Cache, backbone: str, what: str, payload: dict[str, Any], image_weights: str,
-                compute: Callable[[TextTower], tuple[np.ndarray, Sequence[int], Sequence[str]]]) -> TextEmbeddings:
+                compute: Callable[[TextTower], tuple[np.ndarray, Sequence[int], Sequence[str]]],
+                device: str = "cpu") -> TextEmbeddings:
     """The text embeddings of ``payload`` (what names the texts), read from the cache when a group
     of the same texts, beside image features of the same weights (``image_weights``), is there
     whole; else ``compute(tower) -> (embeddings, label per row, id per row)`` with the backbone's
-    text tower (loaded only then), stored."""
+    text tower (loaded only then, on ``device``), stored."""
     from backbench.store.lock import group_locked
 
     digest = text_sha256({"what": what, **payload})
@@ -165,7 +166,7 @@ def cached_text(cache: Cache, backbone: str, what: str, payload: dict[str, Any],
     found = _read(cache, path, digest, image_weights)
     if found is not None:
         return found
-    tower = load_text_tower(backbone)
+    tower = load_text_tower(backbone, device)
     if tower.info["image_weights_sha256"] != image_weights:
         raise ProbeInputError(f"the cached image features of {backbone} were extracted with other weights "
                               f"(sha256 {image_weights[:12]}) than its text tower loads now "

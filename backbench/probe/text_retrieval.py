@@ -121,7 +121,8 @@ def _text_retrieval(cache: Cache, request: TaskRequest, options: RunOptions) -> 
         return tower.embed(texts), owner, texts
 
     payload = {"dataset_fingerprint": ev.group.attrs["dataset_fingerprint"], "rows": text_sha256({"ids": ids})}
-    text = cached_text(cache, request.backbone, "captions", payload, ev.group.attrs["weights_sha256"], embed)
+    text = cached_text(cache, request.backbone, "captions", payload, ev.group.attrs["weights_sha256"], embed,
+                       options.device)
     ks = sorted({int(k) for k in request.params["ks"]})
     record = request.record({ev.name: ev.key, "text": text.key}, params={"ks": ks})
 

@@ -86,7 +86,7 @@ def _zeroshot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
         return class_embeddings(tower.embed(prompts(classes, templates)), len(classes)), range(len(classes)), classes
 
     text = cached_text(cache, request.backbone, "prompts", {"classes": classes, "templates": templates},
-                       ev.group.attrs["weights_sha256"], embed)
+                       ev.group.attrs["weights_sha256"], embed, options.device)
     if text.X.shape[1] != ev.X.shape[1]:
         raise ProbeInputError(f"{ev.label}: image embeddings have {ev.X.shape[1]} features but the text tower "
                               f"gives {text.X.shape[1]}; the cached features are not this CLIP's embedding")

@@ -273,9 +273,9 @@ def load_hf(spec: BackboneSpec) -> Backbone:
     return Backbone(spec, HFImageTower(base, pool), pre, _forward, False, note)
 
 
-def text_encoder(spec: BackboneSpec) -> tuple[Any, dict[str, Any]]:
+def text_encoder(spec: BackboneSpec, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """The text tower of an ``hf:`` model with one (CLIP, SigLIP: ``get_text_features``) and the
-    repo's own tokenizer: ``(encode(texts) -> (n, d) tensor, info)``. The model loads as
+    repo's own tokenizer, on ``device``: ``(encode(texts) -> (n, d) tensor, info)``. The model loads as
     :func:`load_hf` loads it, so ``info["image_weights_sha256"]`` is what its image groups record.
     Texts are padded to the tokenizer's maximum length (SigLIP was trained that way; CLIP masks
     the padding)."""
@@ -312,11 +312,11 @@ def text_encoder(spec: BackboneSpec) -> tuple[Any, dict[str, Any]]:
                            return_tensors="pt")
         tokens.pop("token_type_ids", None)
         with torch.inference_mode():
-            out = base.get_text_features(**tokens)
+            out = base.get_text_features(**{k: v.to(device) for k, v in tokens.items()})
         return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output
 
     info = {"image_weights_sha256": state_dict_sha256(HFImageTower(base, "pooler").state_dict()),
             "weights_sha256": state_dict_sha256(base.state_dict()),
             "tokenizer": f"{type(tokenizer).__name__} of {where}, padded to {length}", "weights_note": note}
-    base.eval().requires_grad_(False)
+    base.eval().requires_grad_(False).to(device)
     return encode, info

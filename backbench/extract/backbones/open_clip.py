@@ -76,9 +76,9 @@ def load_open_clip(spec: BackboneSpec) -> Backbone:
     return Backbone(spec, model.visual, _preprocess(model.visual), _forward, False, note)
 
 
-def text_encoder(spec: BackboneSpec) -> tuple[Any, dict[str, Any]]:
+def text_encoder(spec: BackboneSpec, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """The text tower of ``open_clip:ARCH/TAG`` or ``open_clip:ARCH@random`` with open_clip's own
-    tokenizer: ``(encode(texts) -> (n, d) tensor, info)``. The model is built exactly as
+    tokenizer, on ``device``: ``(encode(texts) -> (n, d) tensor, info)``. The model is built exactly as
     :func:`load_open_clip` builds it, so ``info["image_weights_sha256"]`` is the weights hash
     the image groups of this name record."""
     import torch
@@ -90,11 +90,13 @@ def text_encoder(spec: BackboneSpec) -> tuple[Any, dict[str, Any]]:
     arch = spec.id.partition("/")[0]
     tokenizer = open_clip.get_tokenizer(arch)
 
-    def encode(texts: list[str]) -> Any:
-        with torch.inference_mode():
-            return model.encode_text(tokenizer(texts))
-
     info = {"image_weights_sha256": state_dict_sha256(model.visual.state_dict()),
             "weights_sha256": state_dict_sha256(model.state_dict()),
             "tokenizer": f"open_clip.get_tokenizer({arch!r}): {type(tokenizer).__name__}", "weights_note": note}
+    model.to(device)
+
+    def encode(texts: list[str]) -> Any:
+        with torch.inference_mode():
+            return model.encode_text(tokenizer(texts).to(device))
+
     return encode, info
