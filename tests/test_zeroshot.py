@@ -124,7 +124,7 @@ def test_metrics_against_hand_counts():
     np.testing.assert_allclose(C, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
 
 
-def _tiny_hf_clip(path):
+def _tiny_hf_clip(path, **tokenizer_options):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
@@ -134,7 +134,7 @@ def _tiny_hf_clip(path):
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 0),
                                                                                                ("<eos>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>",
-                                   unk_token="<unk>", model_max_length=16)
+                                   unk_token="<unk>", model_max_length=16, **tokenizer_options)
     torch.manual_seed(3)
     cfg = CLIPConfig(vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=64),
@@ -211,3 +211,39 @@ def test_cli_zeroshot_with_a_templates_file(clip_cache, tmp_path, run_cli):
     code, out, err = run_cli("zeroshot", "-b", "timm:test_resnet@random", "-d", "toy", "--eval", "test",
                              "--cache", clip_cache)
     assert code == 1 and "no text tower" in err
+
+
+def test_tiny_hf_siglip(tmp_path, imagefolder):
+    """SigLIP: the pooled head output is the image embedding; texts padded to the maximum length."""
+    from transformers import SiglipConfig, SiglipModel
+
+    _, fast = _tiny_hf_clip(tmp_path / "clip", model_input_names=["input_ids"])  # no attention mask, as SigLIP's
+    torch.manual_seed(4)
+    cfg = SiglipConfig(vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=64),
+                       text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, vocab_size=11, max_position_embeddings=16,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=1))
+    model = SiglipModel(cfg).eval()
+    model.save_pretrained(tmp_path / "siglip")
+    fast.save_pretrained(tmp_path / "siglip")
+    name = f"hf:{tmp_path / 'siglip'}"
+    path = str(tmp_path / "s.zarr")
+    extract(name, f"imagefolder:{imagefolder}", cache=path, dataset="toy", split="test", workers=0, dtype="float32",
+            device="cpu")
+    record = backbench.zeroshot(name, "toy", eval="test", templates=["a photo of the {c} ."], cache=path,
+                                device="cpu").record
+    with torch.inference_mode():
+        tokens = fast([f"a photo of the {c} ." for c in ["cat", "dog", "eel"]], padding="max_length", max_length=16,
+                      return_tensors="pt")
+        ref = model.get_text_features(input_ids=tokens["input_ids"])
+        ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+        x = torch.randn(2, 3, 32, 32)
+        img = model.get_image_features(pixel_values=x)
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+    np.testing.assert_allclose(_text_group(path, record), torch.nn.functional.normalize(ref, dim=-1).numpy(),
+                               atol=1e-5)
+    from backbench.extract.backbones import load_backbone
+
+    with torch.inference_mode():
+        torch.testing.assert_close(load_backbone(name).forward(x)[0], img)  # the cached kind is the embedding

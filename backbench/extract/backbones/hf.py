@@ -310,9 +310,10 @@ def text_encoder(spec: BackboneSpec, device: str = "cpu") -> tuple[Any, dict[str
     def encode(texts: list[str]) -> Any:
         tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
                            return_tensors="pt")
-        tokens.pop("token_type_ids", None)
-        with torch.inference_mode():
-            out = base.get_text_features(**{k: v.to(device) for k, v in tokens.items()})
+        names = set(getattr(tokenizer, "model_input_names", None) or ["input_ids", "attention_mask"])
+        with torch.inference_mode():  # what the tokenizer gives its model: SigLIP's gives no attention mask
+            out = base.get_text_features(**{k: v.to(device) for k, v in tokens.items()
+                                            if k in names and k != "token_type_ids"})
         return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output
 
     info = {"image_weights_sha256": state_dict_sha256(HFImageTower(base, "pooler").state_dict()),
