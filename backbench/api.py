@@ -118,13 +118,15 @@ def cluster(backbone: str, dataset: str, *, eval: str, seeds: int = 3, niter: in
 
 
 def zeroshot(backbone: str, dataset: str, *, eval: str, templates: str | Sequence[str] | None = None,
-             **options: Any) -> TaskResult:
+             classnames: Sequence[str] | None = None, **options: Any) -> TaskResult:
     """Zero-shot classification of ``eval`` with the backbone's text tower: top-1, top-5, mean
     per-class recall. ``templates``: ``"openai"`` (CLIP's 80 ImageNet templates, the default),
-    ``"simple"`` (7 of them) or a list of templates with ``{c}``."""
+    ``"simple"`` (7 of them) or a list of templates with ``{c}``. ``classnames``: readable names
+    in place of the split's class names, one per class in its order."""
     if templates is not None and not isinstance(templates, str):
         templates = list(templates)
-    return run("zeroshot", backbone, dataset, splits={"eval": eval}, params={"templates": templates}, **options)
+    return run("zeroshot", backbone, dataset, splits={"eval": eval},
+               params={"templates": templates, "classnames": list(classnames) if classnames else None}, **options)
 
 
 def text_retrieval(backbone: str, dataset: str, *, split: str, ks: Sequence[int] | None = None,

@@ -247,3 +247,23 @@ def test_tiny_hf_siglip(tmp_path, imagefolder):
 
     with torch.inference_mode():
         torch.testing.assert_close(load_backbone(name).forward(x)[0], img)  # the cached kind is the embedding
+
+
+def test_classnames_replace_the_stored_names(clip_cache, tmp_path, run_cli):
+    from backbench.errors import ProbeInputError
+
+    named = backbench.zeroshot(CLIP, "toy", eval="test", templates=TEMPLATES[:1], classnames=["kitten", "puppy", "fish"],
+                               cache=clip_cache, device="cpu").record
+    plain = backbench.zeroshot(CLIP, "toy", eval="test", templates=TEMPLATES[:1], cache=clip_cache, device="cpu").record
+    assert named["params"]["classnames"] == ["kitten", "puppy", "fish"] and "classnames" not in plain["params"]
+    assert named["groups"]["text"] != plain["groups"]["text"] and named["key"] != plain["key"]
+    with pytest.raises(ProbeInputError, match="3 classes but 2 class names"):
+        backbench.zeroshot(CLIP, "toy", eval="test", classnames=["a", "b"], cache=clip_cache)
+    f = tmp_path / "names.txt"
+    f.write_text("kitten\npuppy\nfish\n")
+    code, out, err = run_cli("zeroshot", "-b", CLIP, "-d", "toy", "--eval", "test", "--templates", "simple",
+                             "--classnames", str(f), "--cache", clip_cache, "--device", "cpu", "--json")
+    assert code == 0, err
+    import json
+
+    assert json.loads(out)["params"]["classnames"] == ["kitten", "puppy", "fish"]

@@ -11,6 +11,7 @@ import typer
 from backbench.cli import app, table
 from backbench.cli.probe_cmds import BackboneOpt, DatasetOpt
 from backbench.cli.task_cmds import Common, emit_records, run_request, task_command
+from backbench.errors import OptionError
 
 
 @app.command()
@@ -23,6 +24,9 @@ def zeroshot(
                                                                        "default), simple (7 of them), or a file of "
                                                                        "templates, one a line, with {c} where the "
                                                                        "class name goes."),
+    classnames: Optional[Path] = typer.Option(None, "--classnames", help="A file of readable class names, one a "
+                                                                         "line, in the order of the split's classes "
+                                                                         "(default: the names as stored)."),
     common: Common = None,
 ) -> None:
     """Zero-shot classification with the backbone's text tower: top-1, top-5, mean per-class recall.
@@ -36,7 +40,13 @@ def zeroshot(
     from backbench.extract.text import TEMPLATE_SETS, read_templates
 
     given = templates if templates is None or templates in TEMPLATE_SETS else read_templates(Path(templates))
-    params = {"templates": given}
+    names = None
+    if classnames is not None:
+        try:
+            names = [s.strip() for s in classnames.read_text(encoding="utf-8").splitlines() if s.strip()]
+        except OSError as exc:
+            raise OptionError(f"--classnames {str(classnames)!r} cannot be read ({type(exc).__name__})") from None
+    params = {"templates": given, "classnames": names}
     pairs = run_request("zeroshot", common, backbone, dataset, {"eval": eval_}, params)
     if emit_records(pairs, common, one=True):
         return

@@ -8,7 +8,8 @@ backbone, class names and templates). An image's logits are its normalised embed
 each class embedding (CLIP's logit scale changes no ranking, so it is left out). Metrics are
 CLIP_benchmark's: top-1, top-5 (k at most the number of classes) and the mean per-class recall
 (scikit-learn's ``balanced_accuracy_score``); per-image ``correct`` and ``predicted`` are kept
-as outcome arrays of the record.
+as outcome arrays of the record. The prompts use the split's class names as stored, or
+``classnames`` in their place (readable names for folders named by ids, e.g. ImageNet's wnids).
 
 The image embedding is the cached ``pooled`` feature: for ``open_clip:`` backbones it is
 ``encode_image`` (the image tower's output after its projection), for ``hf:`` CLIP
@@ -81,6 +82,11 @@ def _zeroshot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
     given = request.params.get("templates") or DEFAULT_TEMPLATES
     templates = templates_of(given)
     classes = [str(c) for c in ev.classes]
+    names = request.params.get("classnames")
+    if names and len(names) != len(classes):
+        raise ProbeInputError(f"{ev.label} has {len(classes)} classes but {len(names)} class names were given; "
+                              f"give one name per class, in the order of its classes ({_first(classes)})")
+    classes = [str(c) for c in names] if names else classes
 
     def embed(tower):
         return class_embeddings(tower.embed(prompts(classes, templates)), len(classes)), range(len(classes)), classes
@@ -90,7 +96,8 @@ def _zeroshot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
     if text.X.shape[1] != ev.X.shape[1]:
         raise ProbeInputError(f"{ev.label}: image embeddings have {ev.X.shape[1]} features but the text tower "
                               f"gives {text.X.shape[1]}; the cached features are not this CLIP's embedding")
-    params = {"templates": given if isinstance(given, str) else list(given), "n_templates": len(templates)}
+    params = {"templates": given if isinstance(given, str) else list(given), "n_templates": len(templates),
+              **({"classnames": classes} if names else {})}
     record = request.record({ev.name: ev.key, "text": text.key}, params=params)
 
     def compute() -> Record:
@@ -99,6 +106,10 @@ def _zeroshot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
                 "outcomes": outcomes}
 
     return [logged(cache, request, record, compute, options)]
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _is_templates(value: Any) -> bool:
@@ -111,7 +122,9 @@ ZEROSHOT = register(Task(
     "zeroshot", _zeroshot,
     {"templates": Param(None, _is_templates, 'openai (CLIP\'s 80 ImageNet templates), simple (7 of them) or a '
                                              'non-empty list of templates with {c}, e.g. ["a photo of a {c}."]',
-                        lambda v: v if isinstance(v, str) else list(v))},
+                        lambda v: v if isinstance(v, str) else list(v)),
+     "classnames": Param(None, list_of(is_text), 'a list of readable class names, one per class of the eval split '
+                                                 'in its order, e.g. ["tench", "goldfish"]', list)},
     roles=("eval",), metric="top1", cli="zeroshot",
     help="Zero-shot classification with the backbone's text tower (CLIP's prompts): top-1, top-5, "
          "mean per-class recall."))
