@@ -162,3 +162,19 @@ def test_battle_runs_text_retrieval_and_shows_na(tmp_path):
     assert cells[CLIP].status == "done" and cells["timm:test_resnet@random"].status == "n/a"
     board = build(ResultsLog(cache).records())
     assert board.columns == ["text-retrieval:caps"] and board.backbones == [CLIP]
+
+
+def test_a_source_gone_before_its_captions_were_cached_says_so(tmp_path):
+    from backbench.errors import ProbeInputError
+
+    jsonl = _captioned(tmp_path)
+    path = str(tmp_path / "g.zarr")
+    extract("timm:test_resnet@random", f"captions:{jsonl}", cache=path, dataset="caps", split="test", workers=0,
+            device="cpu")
+    group = Cache(path).group("timm:test_resnet@random", "caps", "test")
+    assert group.attrs["source"] == f"captions:{jsonl.absolute()}"
+    jsonl.unlink()
+    from backbench.probe.text_retrieval import _captions
+
+    with pytest.raises(ProbeInputError, match="cannot be opened now"):
+        _captions(group, ["img/cat.png"])

@@ -82,10 +82,15 @@ def is_captioned(spec: str) -> bool:
 def _captions(group, ids: list[str]) -> tuple[list[str], np.ndarray]:
     """The captions of the images ``ids`` (rows of ``group``) from the group's own source, checked
     to be the source it was extracted from: (captions flat, image row of each)."""
+    from backbench.errors import DataSourceError
     from backbench.extract.datasets import limit_source, open_source
 
     attrs = group.attrs
-    source = limit_source(open_source(attrs["source"], attrs["split"]), int(attrs["n"]))
+    try:
+        source = limit_source(open_source(attrs["source"], attrs["split"]), int(attrs["n"]))
+    except DataSourceError as exc:
+        raise ProbeInputError(f"the captions of {group.path} are read once from its source, which cannot be "
+                              f"opened now: {exc}") from None
     if source.fingerprint() != attrs.get("dataset_fingerprint"):
         raise ProbeInputError(f"{attrs['source']} has changed since {group.path} was extracted from it (its "
                               f"images or captions); extract it again with --overwrite")

@@ -55,7 +55,7 @@ class CaptionSource(FileSource):
 
 def open_captions(arg: str, split: str) -> CaptionSource:
     """``captions:PATH.jsonl``."""
-    file = Path(arg).expanduser()
+    file = Path(arg).expanduser().absolute()  # the text-retrieval task reads the captions back from here
     if not file.is_file():
         raise DataSourceError(f"captions file {str(file)!r} does not exist")
     rows = []
@@ -79,7 +79,7 @@ def open_captions(arg: str, split: str) -> CaptionSource:
 
 def open_caption_csv(path: str, columns: list[str]) -> CaptionSource:
     """``csv:PATH?caption=COL[,COL2...]``."""
-    file = Path(path).expanduser()
+    file = Path(path).expanduser().absolute()
     if not file.is_file():
         raise DataSourceError(f"CSV file {str(file)!r} does not exist")
     reader = _csv_reader(file)
