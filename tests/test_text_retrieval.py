@@ -178,3 +178,24 @@ def test_a_source_gone_before_its_captions_were_cached_says_so(tmp_path):
 
     with pytest.raises(ProbeInputError, match="cannot be opened now"):
         _captions(group, ["img/cat.png"])
+
+
+def test_the_leaderboard_shows_na_where_the_task_does_not_apply(captioned_cache, tmp_path):
+    """A backbone without a text tower beside one with: its zero-shot cell is n/a, not missing."""
+    from backbench.report.leaderboard import build
+    from backbench.report.render import to_markdown
+
+    extract("timm:test_resnet@random", "digits", cache=captioned_cache, dataset="digits", split="test", workers=0,
+            limit=8, device="cpu")
+    backbench.zeroshot(CLIP, "digits", eval="test", templates=["a {c}"], cache=captioned_cache, device="cpu")
+    with pytest.raises(NotApplicable):
+        backbench.zeroshot("timm:test_resnet@random", "digits", eval="test", cache=captioned_cache)
+    backbench.retrieve("timm:test_resnet@random", "digits", query="test", gallery="test", cache=captioned_cache,
+                       device="cpu")  # a row of its own on the board
+    board = build(ResultsLog(Cache(captioned_cache)).records())
+    row = {r["backbone"]: r for r in board.rows()}["timm:test_resnet@random"]
+    assert row["zeroshot:digits"] == "n/a" and "zeroshot" not in row["missing"]
+    assert ("timm:test_resnet@random", "zeroshot:digits") not in board.missing
+    assert "n/a cells" in to_markdown(board)
+    assert {"backbone": "timm:test_resnet@random", "column": "zeroshot:digits"} in \
+        [{k: v for k, v in e.items() if k != "reason"} for e in board.to_dict()["not_applicable"]]

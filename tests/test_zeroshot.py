@@ -185,7 +185,7 @@ def test_no_text_tower_is_not_applicable_and_na_in_a_battle(tmp_path, imagefolde
     na = [r for r in summary.results if r.cell.stage == "zeroshot"]
     assert len(na) == 2 and {r.status for r in na} == {"n/a"} and all("no text tower" in r.message for r in na)
     board = build(ResultsLog(cache).records())
-    assert board.columns == ["knn:toy"]
+    assert board.columns == ["knn:toy"]  # no backbone has zero-shot: no column to show n/a in
     config = tmp_path / "b.toml"  # the command: exit 0, the n/a cells listed with their reason
     config.write_text(f'backbones = ["timm:test_resnet@random", "timm:test_vit@random"]\nworkers = 0\n'
                       f'[datasets.toy.splits]\ntrain = "imagefolder:{imagefolder}"\ntest = "imagefolder:{imagefolder}"\n'

@@ -20,7 +20,7 @@ is what those models' zero-shot uses. Backbones without a text tower are not app
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,6 +60,24 @@ def zeroshot_metrics(logits: np.ndarray, y: np.ndarray, ks: Sequence[int] = TOPK
         metrics["mean_per_class_recall"] = float(balanced_accuracy_score(y, predicted))
     metrics["n"] = int(len(y))
     return metrics, {"correct": predicted == y, "predicted": predicted}
+
+
+def logs_not_applicable(run: Callable[..., list[tuple[Record, bool]]]) -> Callable[..., list[tuple[Record, bool]]]:
+    """``run`` that, when its task does not apply (:class:`NotApplicable`), also logs a record
+    saying why (no metrics; the leaderboard shows the cell as n/a), then raises as before."""
+    def wrapped(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
+        try:
+            return run(cache, request, options)
+        except NotApplicable as exc:
+            reason = str(exc)
+            if not cache.read_only:
+                from backbench.store.results import ResultsLog
+
+                ResultsLog(cache).run(request.record({}), lambda: {"metrics": {}, "not_applicable": reason},
+                                      force=options.force)
+            raise
+
+    return wrapped
 
 
 def _classes(cache: Cache, request: TaskRequest, options: RunOptions):
@@ -123,7 +141,7 @@ def _is_templates(value: Any) -> bool:
 
 
 ZEROSHOT = register(Task(
-    "zeroshot", _zeroshot,
+    "zeroshot", logs_not_applicable(_zeroshot),
     {"templates": Param(None, _is_templates, 'openai (CLIP\'s 80 ImageNet templates), simple (7 of them) or a '
                                              'non-empty list of templates with {c}, e.g. ["a photo of a {c}."]',
                         lambda v: v if isinstance(v, str) else list(v)),

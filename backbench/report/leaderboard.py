@@ -7,8 +7,10 @@ metrics are higher-is-better.
 
 A missing cell (a backbone without a record for a task:dataset) has no z-score: it is never
 counted as 0, it is left out of that backbone's means, each row says how many tasks its mean
-covers, and :meth:`Leaderboard.notes` lists the missing cells. A column that only one backbone
-has compares nothing, so it has no z-score either.
+covers, and :meth:`Leaderboard.notes` lists the missing cells. A cell whose task does not
+apply to the backbone (a record that says ``not_applicable``: zero-shot without a text tower)
+is shown as ``n/a`` and left out the same way, listed apart from the missing ones. A column
+that only one backbone has compares nothing, so it has no z-score either.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ class Leaderboard:
     fewshot: dict[str, dict[int, float]] = field(default_factory=dict)
     provenance: list[dict[str, Any]] = field(default_factory=list)
     features: dict[str, str | None] = field(default_factory=dict)  # row -> feature spec its records read
+    na: dict[tuple[str, str], str] = field(default_factory=dict)  # (backbone, task:dataset) -> why it does not apply
 
     @property
     def missing(self) -> list[tuple[str, str]]:
         """(backbone, task:dataset) cells without a record, in table order."""
         return [(b, c) for i, b in enumerate(self.backbones) for j, c in enumerate(self.columns)
-                if np.isnan(self.values[i, j])]
+                if np.isnan(self.values[i, j]) and (b, c) not in self.na]
 
     @property
     def single(self) -> list[str]:
@@ -63,6 +66,10 @@ class Leaderboard:
         if self.missing:
             cells = "; ".join(f"{b} {c}" for b, c in self.missing)
             out.append(f"missing cells (no record; left out of that backbone's mean, shown as –): {cells}")
+        if self.na:
+            cells = "; ".join(f"{b} {c}" for b, c in self.na)
+            out.append(f"n/a cells (the task does not apply to the backbone, e.g. zero-shot without a text tower; "
+                       f"left out of its mean): {cells}")
         if self.single:
             out.append(f"only one backbone has {', '.join(self.single)}: no z-score (nothing to compare)")
         return out
@@ -74,14 +81,17 @@ class Leaderboard:
             row: dict[str, Any] = {"rank": int(self.rank[i]), "backbone": self.backbones[i],
                                    "z_mean": _num(self.aggregate[i]), "tasks": f"{self.covered(i)}/{len(self.tasks)}"}
             row.update({f"z:{t}": _num(self.task_z[i, j]) for j, t in enumerate(self.tasks)})
-            row.update({c: _num(self.values[i, j]) for j, c in enumerate(self.columns)})
-            row["missing"] = ", ".join(c for j, c in enumerate(self.columns) if np.isnan(self.values[i, j]))
+            b = self.backbones[i]
+            row.update({c: "n/a" if (b, c) in self.na else _num(self.values[i, j]) for j, c in enumerate(self.columns)})
+            row["missing"] = ", ".join(c for j, c in enumerate(self.columns)
+                                       if np.isnan(self.values[i, j]) and (b, c) not in self.na)
             out.append(row)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows(), "tasks": self.tasks, "columns": self.columns,
                 "missing": [{"backbone": b, "column": c} for b, c in self.missing], "notes": self.notes(),
+                "not_applicable": [{"backbone": b, "column": c, "reason": why} for (b, c), why in self.na.items()],
                 "spearman": {"tasks": self.tasks, "matrix": [[_num(v) for v in r] for r in self.spearman]},
                 "fewshot": {b: {str(k): v for k, v in c.items()} for b, c in self.fewshot.items()},
                 "provenance": self.provenance, "features": self.features}
@@ -124,6 +134,7 @@ def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
     """Aggregate records into a :class:`Leaderboard`."""
     import warnings
 
+    records = list(records)
     recs = _latest(records)
     metric = main_metrics()
     cells: dict[tuple[str, str], list[float]] = {}
@@ -139,6 +150,9 @@ def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
     for (b, c), v in cells.items():
         values[backbones.index(b), columns.index(c)] = float(np.mean(v))
     lb = Leaderboard(backbones, columns, values)
+    lb.na = {cell: str(r["not_applicable"]) for r in records if r.get("not_applicable") and r.get("task") in metric
+             for cell in [(r["backbone"], f"{r['task']}:{r['dataset']}")]
+             if cell[0] in backbones and cell[1] in columns and cell not in cells}
     lb.tasks = list(dict.fromkeys(c.split(":")[0] for c in columns))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: a task a backbone lacks
