@@ -11,12 +11,12 @@ from backbench.battle.run import plan
 def test_default_config_covers_every_task():
     cfg = load_config()
     assert "timm:tf_efficientnet_lite0@local" in cfg.backbones and any("@random" in b for b in cfg.backbones)
-    assert set(cfg.tasks) == {"probe", "fewshot", "knn", "retrieval", "ood", "shift"}
+    assert set(cfg.tasks) == {"probe", "fewshot", "knn", "retrieval", "ood", "shift", "clustering"}
     assert [d.name for d in cfg.main_datasets] == ["cifar10-mini"] and cfg.datasets["textures"].role == "ood"
     cells = plan(cfg)
     extract = [c for c in cells if c.stage == "extract"]
     assert len(extract) == len(cfg.backbones) * 4 and cells.index(extract[-1]) == len(extract) - 1
-    assert len(cells) - len(extract) == len(cfg.backbones) * 6
+    assert len(cells) - len(extract) == len(cfg.backbones) * 7
 
 
 def test_toml_file(tmp_path):

@@ -47,6 +47,7 @@ ood = ["textures:test"]
 open_set = ["ship", "truck"]
 [tasks.shift]
 shifted = ["cifar10-mini:shifted"]
+[tasks.clustering]
 """
 
 
