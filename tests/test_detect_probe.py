@@ -7,39 +7,12 @@ import pytest
 
 from backbench.errors import ProbeInputError
 from backbench.probe.dense_metrics import coco_box_ap
+from dense_helpers import SlicedMaps, one_thread  # noqa: F401  one_thread: autouse, one torch thread here
 
 pytest.importorskip("pycocotools")
 
 BOX = np.array([[0.0, 0.0, 10.0, 10.0]], dtype=np.float32)
 ONE = np.array([0])
-
-
-class SlicedMaps:
-    """What MapArray offers the probes, and nothing more: len, shape and row slices as float32."""
-
-    def __init__(self, maps: np.ndarray) -> None:
-        self._maps, self.shape, self.reads = maps, maps.shape, []
-
-    def __len__(self) -> int:
-        return len(self._maps)
-
-    def __getitem__(self, key):
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError(f"only contiguous row slices, got {key!r}")
-        self.reads.append((key.start, key.stop))
-        return np.array(self._maps[key], dtype=np.float32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for every fit here (the module's results are compared bit for bit, and
-    torch's sums depend on the thread count); the fits are tiny and the two cores are shared."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- COCO AP by hand

@@ -11,16 +11,7 @@ import fnmatch
 from typing import Any
 
 from backbench.extract.backbones import SOURCES, ensure_sources
-
-
-def _hub_cached() -> set[str]:
-    """Hugging Face hub repos already in the local cache (timm weights live there)."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        return {repo.repo_id for repo in scan_cache_dir().repos}
-    except Exception:
-        return set()
+from backbench.extract.backbones.hub import hub_cached
 
 
 def _match(name: str, pattern: str | None) -> bool:
@@ -36,7 +27,7 @@ def on_machine() -> list[dict[str, Any]]:
     ensure_sources()
     rows = [{"name": name, "on_machine": True, "weights": note}
             for src in SOURCES.values() for name, note in src.on_machine()]
-    for repo in sorted(_hub_cached()):
+    for repo in sorted(hub_cached()):
         if repo.startswith("timm/"):
             rows.append({"name": f"timm:{repo[5:]}", "on_machine": True, "weights": "Hugging Face hub cache"})
     return rows

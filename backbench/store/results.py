@@ -64,12 +64,12 @@ class ResultsLog:
             return None
         return attrs if "key" in attrs else None  # outcomes written, attributes not yet: no record
 
-    def put(self, record: dict[str, Any], outcomes: dict[str, Any] | None = None) -> str:
-        """Log ``record`` with its ``outcomes`` arrays; on a read-only cache at a URL, warn once
-        per cache and log nothing."""
+    def put(self, record: dict[str, Any], outcomes: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Log ``record`` with its ``outcomes`` arrays; returns the record as logged (JSON, with
+        the arrays' manifest). On a read-only cache at a URL, warn once per cache, log nothing
+        and return None."""
         import numpy as np
 
-        key = record["key"]
         arrays = {name: np.ascontiguousarray(a) for name, a in (outcomes or {}).items()}
         clean = json.loads(json.dumps(record, default=_jsonable))
         if arrays:
@@ -77,12 +77,12 @@ class ResultsLog:
                                for name, a in arrays.items()}
         if self.cache.is_url and self.cache.read_only:
             self._not_recorded()
-            return key
-        path = f"{RESULTS}/{key}"
+            return None
+        path = f"{RESULTS}/{record['key']}"
         try:
             if not arrays:
                 self.cache.root.create_group(path, overwrite=True, attributes=clean)
-                return key
+                return clean
             node = self.cache.root.create_group(path, overwrite=True, attributes={})
             for name, a in arrays.items():
                 node.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape or None,
@@ -92,7 +92,8 @@ class ResultsLog:
             if not self.cache.is_url:
                 raise
             self._not_recorded()
-        return key
+            return None
+        return clean
 
     def outcomes(self, record: dict[str, Any]) -> dict[str, Any]:
         """The per-sample arrays of ``record`` (``{}`` for a record without any), each checked
@@ -148,8 +149,8 @@ class ResultsLog:
         record = {**request, **outcome, "key": key, "wall_s": round(time.perf_counter() - started, 4),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "versions": _versions(), "cache": str(self.cache.path)}
-        self.put(record, arrays)
-        return (self.get(key) or record) if arrays else record, False
+        logged = self.put(record, arrays)
+        return (logged or record) if arrays else record, False  # with arrays: the record with their manifest
 
 
 def _sha256(values: Any) -> str:

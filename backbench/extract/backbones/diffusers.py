@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from urllib.parse import quote_plus, unquote_plus
 
 from backbench.errors import BackboneNotFound, WeightsError, require
-from backbench.extract.backbones.hub import hub_or_offline, loading
+from backbench.extract.backbones.hub import cached_repos, hub_or_offline, loading
 from backbench.extract.backbones.registry import RANDOM, Backbone, BackboneSpec, register_source
 from backbench.extract.backbones.weights import seeded
 from backbench.extract.preprocess import Preprocess
@@ -136,13 +136,7 @@ def _valid(ident: str) -> bool:
 
 def _cached() -> list[str]:
     """Hub repos in the local Hugging Face cache that hold a diffusers UNet config."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        repos = scan_cache_dir().repos
-    except Exception:
-        return []
-    return sorted(r.repo_id for r in repos if r.repo_type == "model"
+    return sorted(r.repo_id for r in cached_repos() if r.repo_type == "model"
                   and any(f.file_name == "config.json" and f.file_path.parent.name == "unet"
                           for rev in r.revisions for f in rev.files))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from backbench.errors import BackboneNotFound, WeightsError, require
-from backbench.extract.backbones.hub import hub_or_offline, loading
+from backbench.extract.backbones.hub import cached_repos, hub_or_offline, loading
 from backbench.extract.backbones.registry import LOCAL, Backbone, BackboneSpec, register_source
 from backbench.extract.backbones.weights import IMAGENET_MEAN, IMAGENET_STD, crop_pct
 from backbench.extract.backbones.weights import apply_state_dict, read_state_dict, seeded
@@ -28,14 +28,8 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 def _cached() -> list[str]:
     """Hub repos in the local Hugging Face cache that hold a transformers ``config.json``
     (``timm/`` repos are listed as ``timm:`` names instead)."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        repos = scan_cache_dir().repos
-    except Exception:
-        return []
     return sorted(
-        r.repo_id for r in repos
+        r.repo_id for r in cached_repos()
         if r.repo_type == "model" and not r.repo_id.startswith("timm/")
         and any(f.file_name == "config.json" for rev in r.revisions for f in rev.files)
     )

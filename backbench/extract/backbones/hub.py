@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Any, Iterator
 
 from backbench.errors import WeightsError
 
@@ -103,3 +103,19 @@ def fetching(what: str, instead: str, hub: bool = True) -> Iterator[None]:
             yield
         except Exception as exc:
             raise WeightsError(f"cannot get {what} ({type(exc).__name__}{why}); offline? use {instead}") from exc
+
+
+def cached_repos() -> list[Any]:
+    """The repos of the local Hugging Face hub cache (huggingface_hub's ``CachedRepoInfo``: where
+    timm, open_clip, transformers and diffusers keep downloaded weights); [] when it cannot be read."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return list(scan_cache_dir().repos)
+    except Exception:
+        return []
+
+
+def hub_cached() -> set[str]:
+    """The ids of the repos in the local Hugging Face hub cache."""
+    return {repo.repo_id for repo in cached_repos()}

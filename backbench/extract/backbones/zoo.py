@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 from backbench.errors import BackbenchError
+from backbench.extract.backbones.hub import hub_cached
 
 PRESETS = {"bob": "bob_zoo.toml"}  # preset name -> data file beside this module
 FAMILIES = ("supervised", "self-supervised", "vision-language", "diffusion", "depth", "random-init")
@@ -104,17 +105,6 @@ def is_local(name: str, cached: set[str]) -> tuple[bool, str]:
     if repo and repo in cached:
         return True, f"Hugging Face hub cache ({repo})"
     return False, f"download from the hub ({repo})" if repo else "download"
-
-
-def hub_cached() -> set[str]:
-    """Hugging Face hub repos already in the local cache (where timm, open_clip, transformers and
-    diffusers keep downloaded weights); empty when the cache cannot be read."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        return {repo.repo_id for repo in scan_cache_dir().repos}
-    except Exception:
-        return set()
 
 
 def preset_rows(preset: str = "bob") -> list[dict[str, Any]]:
