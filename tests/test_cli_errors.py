@@ -182,7 +182,11 @@ def test_every_readme_command_line_parses(line):
                         break
                     values.append(v)
         for name, values in given.items():
-            assert [str(v) for v in params[name]] == values, (argv, name)
+            got = params[name]
+            if all(isinstance(v, float) for v in got):  # --scales 4 2 1 0.5: numbers
+                assert [float(v) for v in got] == [float(v) for v in values], (argv, name)
+            else:
+                assert [str(v) for v in got] == values, (argv, name)
 
 
 # 19: --version, whole values, the C grid, a grown --limit ----------------------------------------
