@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from backbench.store.cleanup import partial_name
 from backbench.store.location import Location
 
 LOCKS = "_locks"
@@ -64,7 +65,7 @@ def group_lock_folder(cache_path: str, group_path: str) -> Path | None:
         f.mkdir(exist_ok=True)
         meta = f / "zarr.json"
         if not meta.exists():
-            tmp = f / f"zarr.json.{os.getpid()}.partial"
+            tmp = partial_name(meta)  # per process and thread: two writers never share it
             tmp.write_text(_GROUP_JSON)
             os.replace(tmp, meta)
     return folder
