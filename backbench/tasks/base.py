@@ -102,6 +102,24 @@ class TaskRequest:
                 "seed": self.seed if seed is None else seed, "groups": dict(groups)}
 
 
+@dataclass(frozen=True)
+class Resampler:
+    """How a record's main metric is recomputed on a resample of its evaluated samples, from
+    the per-sample outcome arrays the record keeps (so intervals need no refit).
+
+    ``strata``: the sizes of the independent sample sets the metric is made of (``(n_eval,)``
+    for accuracy; ``(n_id, n_ood_1, ...)`` for OOD AUROC, each set resampled on its own).
+    ``statistic(idx)``: ``idx`` holds one int array of shape (B, n_s) per stratum, each row a
+    resample of that stratum's positions; it returns the B metric values (float64). With every
+    row ``arange(n_s)`` it returns the record's own metric (a test checks this for every task).
+    The report draws the same ``idx`` for every backbone of a column whose strata agree
+    (paired bootstrap).
+    """
+
+    strata: tuple[int, ...]
+    statistic: Callable[[Sequence[Any]], Any]
+
+
 Check = tuple  # (accepts the value?, what is accepted[, the canonical form of an accepted value])
 
 
@@ -124,6 +142,7 @@ class Task:
 
     ``needs``: parameters of which at least one must be given (a task that runs nothing
     otherwise). ``records``: other task names its records carry, each with its metric.
+    ``resample``: builds the :class:`Resampler` of one of its records (report intervals).
     """
 
     name: str
@@ -137,6 +156,8 @@ class Task:
     help: str = ""
     cli: str = ""  # the hand-written command that runs it, if any (else the CLI generates `backbench NAME`)
     dense: str = ""  # "mask" or "boxes": a dense task, reading a feature map and the dense labels beside it
+    # (record, outcome arrays) -> how its main metric resamples; None: the task keeps no outcomes
+    resample: Callable[[Record, Mapping[str, Any]], Resampler | None] | None = None
 
     def check_params(self, raw: Mapping[str, Any], where: str | None = None) -> tuple[dict[str, Any], list[str]]:
         """(params with defaults, problems): unknown keys and refused values, one problem each."""
@@ -227,6 +248,15 @@ def main_metric(task: str) -> str | None:
             return t.metric
         if task in t.records:
             return t.records[task]
+    return None
+
+
+def resampler(record: Record, outcomes: Mapping[str, Any]) -> Resampler | None:
+    """The :class:`Resampler` of ``record`` from its outcome arrays, or None where its task keeps
+    none (or the record predates them: ``outcomes`` empty)."""
+    for t in _builtin().values():
+        if record.get("task") == t.name or record.get("task") in t.records:
+            return t.resample(record, outcomes) if (t.resample and outcomes) else None
     return None
 
 
