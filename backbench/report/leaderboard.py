@@ -16,9 +16,11 @@ that only one backbone has compares nothing, so it has no z-score either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
+
+from backbench.errors import OptionError
 
 def main_metrics() -> dict[str, str]:
     """Record task name -> the metric it is ranked by, in the registry's order (its columns' order)."""
@@ -44,6 +46,8 @@ class Leaderboard:
     provenance: list[dict[str, Any]] = field(default_factory=list)
     features: dict[str, str | None] = field(default_factory=dict)  # row -> feature spec its records read
     na: dict[tuple[str, str], str] = field(default_factory=dict)  # (backbone, task:dataset) -> why it does not apply
+    stats: Any = None  # :class:`backbench.report.stats.Statistics`, None with bootstrap=0
+    ranked_by: str = "zmean"  # the aggregate ``rank`` orders: zmean, rank (mean rank) or iqm
 
     @property
     def missing(self) -> list[tuple[str, str]]:
@@ -94,7 +98,40 @@ class Leaderboard:
                 "not_applicable": [{"backbone": b, "column": c, "reason": why} for (b, c), why in self.na.items()],
                 "spearman": {"tasks": self.tasks, "matrix": [[_num(v) for v in r] for r in self.spearman]},
                 "fewshot": {b: {str(k): v for k, v in c.items()} for b, c in self.fewshot.items()},
-                "provenance": self.provenance, "features": self.features}
+                "provenance": self.provenance, "features": self.features, **self.uncertainty()}
+
+    def uncertainty(self) -> dict[str, Any]:
+        """Issue-23 JSON: per backbone its rank interval and aggregate with interval; per cell its
+        value, interval and n; the pairwise tests; stability. Empty without statistics."""
+        st = self.stats
+        if st is None:
+            return {}
+        metric = main_metrics()
+        ranking = []
+        for i in np.argsort(self.rank):
+            b = self.backbones[i]
+            rank, low, high = st.rank[b]
+            agg = st.score[b]
+            ranking.append({"backbone": b, "rank": rank, "rank_low": low, "rank_high": high,
+                            "aggregate": st.aggregate, "value": _num(agg.value), "ci_low": _num(agg.low),
+                            "ci_high": _num(agg.high), "tied_with_first": b in st.tied_with_first,
+                            "aggregates": {k: {"value": _num(v[b].value), "ci_low": _num(v[b].low),
+                                               "ci_high": _num(v[b].high)} for k, v in st.aggregates.items()}})
+        cells = [{"backbone": b, "task": c.split(":", 1)[0], "dataset": c.split(":", 1)[1],
+                  "metric": metric.get(c.split(":", 1)[0]), "value": _num(v.value), "ci_low": _num(v.low),
+                  "ci_high": _num(v.high), "n": v.n} for (b, c), v in st.cells.items()]
+        square = (lambda m: None if m is None else [[_num(x) for x in row] for row in m])
+        return {"statistics": {"bootstrap": st.bootstrap, "seed": st.seed, "aggregate": st.aggregate,
+                               "level": 0.95, "notes": st.notes},
+                "ranking": ranking, "cells": cells,
+                "pairwise": {"backbones": self.backbones, "prob_beats": square(st.prob_beats),
+                             "friedman": st.friedman, "wilcoxon_holm_p": square(st.posthoc),
+                             "mean_ranks": {b: _num(v) for b, v in st.mean_ranks.items()},
+                             "not_separable_from_first": st.tied_with_first},
+                "stability": st.stability,
+                "fewshot_bands": {b: {str(k): {"mean": _num(v.value), "std": _num(v.std), "ci_low": _num(v.low),
+                                               "ci_high": _num(v.high)} for k, v in c.items()}
+                                  for b, c in st.fewshot.items()}}
 
 
 def _num(v: float) -> float | None:
@@ -130,10 +167,19 @@ def zscores(values: np.ndarray) -> np.ndarray:
     return z
 
 
-def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
-    """Aggregate records into a :class:`Leaderboard`."""
+def build(records: Iterable[dict[str, Any]], *, bootstrap: int = 1000, aggregate: str = "zmean", seed: int = 0,
+          outcomes: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Leaderboard:
+    """Aggregate records into a :class:`Leaderboard` ranked by ``aggregate`` (zmean, rank or iqm),
+    with its :class:`~backbench.report.stats.Statistics` from ``bootstrap`` resamples of the
+    records' outcome arrays (read by ``outcomes``, default: from each record's cache); 0: none."""
     import warnings
 
+    from backbench.report import stats as S
+
+    if aggregate not in S.AGGREGATES:
+        raise OptionError(f"aggregate {aggregate!r}: use one of {', '.join(S.AGGREGATES)}")
+    if bootstrap < 0:
+        raise OptionError(f"bootstrap {bootstrap}: give a number of resamples >= 0 (0: no intervals)")
     records = list(records)
     recs = _latest(records)
     metric = main_metrics()
@@ -160,7 +206,10 @@ def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
         lb.task_z = np.stack([np.nanmean(z[:, [j for j, c in enumerate(columns) if c.split(":")[0] == t]], axis=1)
                               for t in lb.tasks], axis=1) if columns else np.zeros((len(backbones), 0))
         lb.aggregate = np.nanmean(lb.task_z, axis=1) if columns else np.zeros(len(backbones))
-    order = np.argsort(-np.nan_to_num(lb.aggregate, nan=-np.inf), kind="stable")
+    ranked = lb.aggregate if aggregate == "zmean" else S.score(values, aggregate, [lb.tasks.index(c.split(":")[0])
+                                                                                  for c in columns], len(lb.tasks))
+    order = np.argsort(-np.nan_to_num(ranked, nan=-np.inf), kind="stable")
+    lb.ranked_by = aggregate
     lb.rank = np.empty(len(backbones), dtype=int)
     lb.rank[order] = np.arange(1, len(backbones) + 1)
     lb.spearman = task_spearman(lb.task_z)
@@ -168,7 +217,36 @@ def build(records: Iterable[dict[str, Any]]) -> Leaderboard:
     lb.provenance = provenance(recs)
     lb.features = {b: next((r["features"] for r in recs if r["backbone"] == b and "features" in r), None)
                    for b in backbones}  # None: records written before they carried it
+    if bootstrap and backbones:
+        by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in recs:
+            by_cell.setdefault((r["backbone"], f"{r['task']}:{r['dataset']}"), []).append(r)
+        lb.stats = S.compute(lb, by_cell, outcomes or CacheOutcomes(), bootstrap=bootstrap, aggregate=aggregate,
+                             seed=seed)
     return lb
+
+
+class CacheOutcomes:
+    """Reads a record's outcome arrays from the cache it names (each cache opened once),
+    verified against their SHA-256; a cache that is not there gives none (the cell shows n/a)."""
+
+    def __init__(self) -> None:
+        self._caches: dict[str, Any] = {}
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        from backbench.store.cache import Cache
+        from backbench.store.results import ResultsLog
+
+        path = record.get("cache")
+        if not record.get("outcomes") or not path:
+            return {}
+        if path not in self._caches:
+            try:
+                self._caches[path] = ResultsLog(Cache(path, mode="r"))
+            except Exception:  # moved or deleted: the report renders without its intervals
+                self._caches[path] = None
+        log = self._caches[path]
+        return {} if log is None else log.outcomes(record)
 
 
 def task_spearman(task_z: np.ndarray) -> np.ndarray:

@@ -21,8 +21,9 @@ Everything here is computed from the records and their per-sample outcome arrays
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -65,3 +66,314 @@ class Statistics:
     stability: dict[str, Any] = field(default_factory=dict)  # {tau: {task: τ}, min, task, sentence}
     fewshot: dict[str, dict[int, Interval]] = field(default_factory=dict)  # backbone -> shots -> mean ± std, CI
     notes: list[str] = field(default_factory=list)  # what could not be computed and why
+
+
+# --------------------------------------------------------------------------- resampling
+CHUNK = 100  # replicates drawn and scored at a time: bounds memory at CHUNK x n positions per stratum
+
+
+def column_seed(seed: int, column: str, strata: tuple[int, ...]) -> np.random.SeedSequence:
+    """The seed of one column's resamples: the same for every backbone whose strata agree (paired)."""
+    import zlib
+
+    return np.random.SeedSequence([seed, zlib.crc32(column.encode()), *strata])
+
+
+def replicates(resamplers: list, bootstrap: int, rng_seed: np.random.SeedSequence,
+               seeds_resampled: bool = True) -> np.ndarray:
+    """(bootstrap,) replicate values of the mean over ``resamplers`` (one per seed of a cell).
+
+    Samples are resampled with replacement in each stratum, the same positions for every
+    seed; with several seeds, the seeds are resampled too (few-shot: seeds x samples).
+    """
+    strata = resamplers[0].strata
+    rng = np.random.default_rng(rng_seed)
+    out = np.empty(bootstrap)
+    for start in range(0, bootstrap, CHUNK):
+        b = min(CHUNK, bootstrap - start)
+        idx = [rng.integers(0, n, size=(b, n), dtype=np.int64) for n in strata]
+        per_seed = np.stack([np.asarray(r.statistic(idx), dtype=np.float64) for r in resamplers])  # (S, b)
+        if len(resamplers) > 1 and seeds_resampled:
+            pick = rng.integers(0, len(resamplers), size=(b, len(resamplers)))
+            out[start:start + b] = np.take_along_axis(per_seed.T, pick, axis=1).mean(axis=1)
+        else:
+            out[start:start + b] = per_seed.mean(axis=0)
+    return out
+
+
+def identity_value(resampler) -> float:
+    """The metric with every sample once (equals the record's own value)."""
+    return float(np.asarray(resampler.statistic([np.arange(n)[None, :] for n in resampler.strata]))[0])
+
+
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``values`` (finite ones)."""
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    return float(np.quantile(v, a)), float(np.quantile(v, 1 - a))
+
+
+# --------------------------------------------------------------------------- aggregates
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """All-NaN slices (a cell a backbone lacks) are expected here, not news."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def zscore_columns(V: np.ndarray) -> np.ndarray:
+    """z-scores down axis 0 of ``V`` (backbones, columns[, replicates]), NaN-aware, population std;
+    a constant column gives 0, a column with fewer than two values NaN (as the leaderboard)."""
+    with _quiet():
+        mean = np.nanmean(V, axis=0, keepdims=True)
+        std = np.nanstd(V, axis=0, keepdims=True)
+    z = np.divide(V - mean, std, out=np.zeros_like(V), where=std > 0)
+    z[np.isnan(V)] = np.nan
+    z[:, np.isfinite(V).sum(axis=0) < 2] = np.nan
+    return z
+
+
+def zmean(V: np.ndarray, task_of: list[int], n_tasks: int) -> np.ndarray:
+    """BoB's aggregate: z-score per column, mean over a task's columns, mean over tasks."""
+    z = zscore_columns(V)
+    with _quiet():
+        per_task = np.stack([np.nanmean(z[:, [j for j, t in enumerate(task_of) if t == k]], axis=1)
+                             for k in range(n_tasks)], axis=1)
+        return np.nanmean(per_task, axis=1)
+
+
+def block_ranks(V: np.ndarray) -> np.ndarray:
+    """Rank of each backbone in each column (1 = best, ties averaged); NaN where missing or
+    where the column has fewer than two values."""
+    from scipy.stats import rankdata
+
+    r = rankdata(-V, axis=0, nan_policy="omit")
+    r[:, np.isfinite(V).sum(axis=0) < 2] = np.nan
+    return r
+
+
+def mean_rank(V: np.ndarray) -> np.ndarray:
+    """The mean over (task, dataset) blocks of a backbone's rank in the block (lower is better)."""
+    with _quiet():
+        return np.nanmean(block_ranks(V), axis=1)
+
+
+def iqm(V: np.ndarray) -> np.ndarray:
+    """Interquartile mean over columns of min-max normalised scores (Agarwal et al. 2021):
+    each column scaled to [0, 1] across backbones, then ``scipy.stats.trim_mean(., 0.25)``."""
+    from scipy.stats import trim_mean
+
+    with _quiet():
+        lo, hi = np.nanmin(V, axis=0, keepdims=True), np.nanmax(V, axis=0, keepdims=True)
+    span = hi - lo
+    norm = np.divide(V - lo, span, out=np.full_like(V, np.nan), where=span > 0)
+    out = np.full((V.shape[0],) + V.shape[2:], np.nan)
+    for i in range(V.shape[0]):
+        cols = np.isfinite(norm[i]).all(axis=tuple(range(1, norm[i].ndim))) if norm.ndim > 2 else np.isfinite(norm[i])
+        if cols.any():
+            out[i] = trim_mean(norm[i][cols], 0.25, axis=0)
+    return out
+
+
+def score(V: np.ndarray, how: str, task_of: list[int], n_tasks: int) -> np.ndarray:
+    """The aggregate ``how`` of ``V`` as a higher-is-better score (mean rank negated)."""
+    if how == "zmean":
+        return zmean(V, task_of, n_tasks)
+    if how == "rank":
+        return -mean_rank(V)
+    if how == "iqm":
+        return iqm(V)
+    raise ValueError(f"aggregate {how!r}: use one of {', '.join(AGGREGATES)}")
+
+
+def ranks_of(scores: np.ndarray) -> np.ndarray:
+    """Ranks (1 = best, ties share the better rank) down axis 0; NaN scores rank last."""
+    from scipy.stats import rankdata
+
+    return rankdata(-np.nan_to_num(scores, nan=-np.inf), axis=0, method="min").astype(int)
+
+
+# --------------------------------------------------------------------------- the leaderboard's statistics
+@dataclass
+class _Cell:
+    """One (backbone, column): its records grouped by shots (each group: one record per seed)."""
+
+    value: float
+    groups: dict[Any, list]  # shots (None for non-few-shot) -> resamplers, one per seed; [] when none kept
+
+
+def cell_resamplers(records: list[dict[str, Any]], outcomes: Callable[[dict[str, Any]], dict[str, Any]],
+                    ) -> dict[Any, list] | None:
+    """The cell's resamplers by shots, or None when a record keeps no outcomes (old records)."""
+    from backbench.tasks.base import resampler
+
+    groups: dict[Any, list] = {}
+    for r in sorted(records, key=lambda r: (str(r.get("params", {}).get("shots")), r.get("seed") or 0)):
+        rs = resampler(r, outcomes(r)) if r.get("outcomes") else None
+        if rs is None:
+            return None
+        groups.setdefault(r.get("params", {}).get("shots"), []).append(rs)
+    return groups
+
+
+def cell_replicates(column: str, groups: dict[Any, list], bootstrap: int, seed: int) -> dict[Any, np.ndarray]:
+    """Per shots group, (bootstrap,) replicates of its mean over seeds (a cell's value is the
+    mean over its groups); the same resampled positions for every backbone with the same strata."""
+    return {shots: replicates(g, bootstrap, column_seed(seed, f"{column}|{shots}", g[0].strata))
+            for shots, g in groups.items()}
+
+
+def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
+            outcomes: Callable[[dict[str, Any]], dict[str, Any]], *, bootstrap: int = BOOTSTRAP,
+            aggregate: str = "zmean", seed: int = 0) -> Statistics:
+    """The :class:`Statistics` of leaderboard ``lb`` from its cells' records and their outcomes."""
+    st = Statistics(bootstrap, seed, aggregate)
+    nb, nc = lb.values.shape
+    R = np.repeat(lb.values[:, :, None], bootstrap, axis=2)  # cells without outcomes stay at their value
+    no_outcomes: list[str] = []
+    curves: dict[tuple[str, int], list[tuple[np.ndarray, list[float]]]] = {}  # (backbone, shots) -> per dataset
+    for (b, c), recs in cell_records.items():
+        i, j = lb.backbones.index(b), lb.columns.index(c)
+        groups = cell_resamplers(recs, outcomes)
+        if groups is None:
+            st.cells[(b, c)] = Interval(float(lb.values[i, j]))
+            no_outcomes.append(f"{b} {c}")
+            continue
+        own = float(np.mean([np.mean([identity_value(r) for r in g]) for g in groups.values()]))
+        if not np.isclose(own, lb.values[i, j], rtol=1e-5, atol=1e-6):
+            st.notes.append(f"{b} {c}: its outcome arrays give {own:.6g}, its record {lb.values[i, j]:.6g}; "
+                            f"no interval (rerun the task with --force)")
+            st.cells[(b, c)] = Interval(float(lb.values[i, j]))
+            continue
+        reps = cell_replicates(c, groups, bootstrap, seed)
+        R[i, j] = np.mean(list(reps.values()), axis=0)
+        low, high = percentile_interval(R[i, j])
+        st.cells[(b, c)] = Interval(float(lb.values[i, j]), low, high, n=int(sum(next(iter(groups.values()))[0].strata)))
+        if c.startswith("fewshot:"):
+            for shots, g in groups.items():
+                curves.setdefault((b, int(shots)), []).append((reps[shots], [identity_value(r) for r in g]))
+    if no_outcomes:
+        st.notes.append(f"no per-sample outcomes (records written before they were kept, or their cache is not at hand): "
+                        f"{'; '.join(no_outcomes)}; their cells have no interval and are held fixed in the "
+                        f"rank intervals")
+    st.fewshot = fewshot_bands(curves)
+    task_of = [lb.tasks.index(c.split(":")[0]) for c in lb.columns]
+    _aggregates(st, lb, R, task_of)
+    _pairwise(st, lb)
+    st.stability = stability(lb, aggregate, task_of)
+    return st
+
+
+def fewshot_bands(curves: dict[tuple[str, int], list[tuple[np.ndarray, list[float]]]]) -> dict[str, dict[int, Interval]]:
+    """Per backbone and shots: the mean over datasets and seeds, the std over seeds (of the
+    mean over datasets) and the bootstrap interval over seeds x samples."""
+    out: dict[str, dict[int, Interval]] = {}
+    for (b, shots), per_dataset in sorted(curves.items()):
+        reps = np.mean([r for r, _ in per_dataset], axis=0)
+        seeds = min(len(v) for _, v in per_dataset)
+        per_seed = np.mean([v[:seeds] for _, v in per_dataset], axis=0)
+        low, high = percentile_interval(reps)
+        out.setdefault(b, {})[shots] = Interval(float(np.mean([np.mean(v) for _, v in per_dataset])), low, high,
+                                                std=float(np.std(per_seed)) if seeds > 1 else None)
+    return out
+
+
+def _aggregates(st: Statistics, lb: Any, R: np.ndarray, task_of: list[int]) -> None:
+    """Every aggregate with its interval; ranks and rank intervals by ``st.aggregate``."""
+    n_tasks = len(lb.tasks)
+    reps = {}
+    for how in AGGREGATES:
+        point = score(lb.values, how, task_of, n_tasks)
+        reps[how] = score(R, how, task_of, n_tasks)  # (backbones, bootstrap)
+        sign = -1.0 if how == "rank" else 1.0  # mean rank is shown as itself (lower is better)
+        st.aggregates[how] = {}
+        for i, b in enumerate(lb.backbones):
+            low, high = sorted(sign * np.array(percentile_interval(reps[how][i])))
+            st.aggregates[how][b] = Interval(float(sign * point[i]), float(low), float(high))
+    st.score = st.aggregates[st.aggregate]
+    chosen = reps[st.aggregate]
+    ranks = ranks_of(chosen)
+    for i, b in enumerate(lb.backbones):
+        st.rank[b] = (int(lb.rank[i]), int(np.floor(np.quantile(ranks[i], 0.025))),
+                      int(np.ceil(np.quantile(ranks[i], 0.975))))
+    if not lb.backbones:
+        return
+    first = int(np.argmin(lb.rank))
+    tail = (1 - LEVEL) / 2
+    with _quiet():
+        st.tied_with_first = [b for i, b in enumerate(lb.backbones)
+                              if i == first or np.quantile(chosen[i] - chosen[first], 1 - tail) >= 0]
+    a, b = chosen[:, None, :], chosen[None, :, :]
+    st.prob_beats = (a > b).mean(axis=2) + 0.5 * (a == b).mean(axis=2)
+    np.fill_diagonal(st.prob_beats, np.nan)
+
+
+def complete_blocks(lb: Any) -> np.ndarray:
+    """The (task, dataset) columns every backbone has a value in: (backbones, blocks)."""
+    V = lb.values
+    return V[:, np.isfinite(V).all(axis=0)] if V.size else V
+
+
+def _pairwise(st: Statistics, lb: Any) -> None:
+    """Friedman over the complete blocks, Wilcoxon signed-rank + Holm post-hoc, mean ranks."""
+    from scipy.stats import friedmanchisquare
+
+    V = complete_blocks(lb)
+    k, blocks = V.shape
+    if k >= 2 and blocks >= 1:
+        ranks = block_ranks(V).mean(axis=1)
+        st.mean_ranks = {b: float(r) for b, r in zip(lb.backbones, ranks)}
+    if k < 3 or blocks < 2:
+        st.friedman = {"note": f"the Friedman test needs at least 3 backbones and 2 (task, dataset) blocks that "
+                               f"every backbone has; here {k} backbones, {blocks} blocks"}
+    else:
+        with _quiet():
+            res = friedmanchisquare(*V)
+        st.friedman = {"statistic": float(res.statistic), "pvalue": float(res.pvalue), "blocks": int(blocks),
+                       "backbones": int(k)}
+    if k < 2 or blocks < 2:
+        return
+    try:
+        import scikit_posthocs as sp
+    except ImportError:
+        st.notes.append("pairwise Wilcoxon-Holm tests and the critical-difference diagram need scikit-posthocs: "
+                        "pip install 'backbench[stats]'")
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few blocks: scipy notes the exact test's small sample
+        st.posthoc = sp.posthoc_wilcoxon(list(V), p_adjust="holm", zero_method="zsplit").to_numpy(dtype=float)
+
+
+def stability(lb: Any, aggregate: str, task_of: list[int]) -> dict[str, Any]:
+    """Kendall's τ between the full ranking and each leave-one-task-out ranking, the minimum,
+    and a sentence naming what the least stable removal changes."""
+    from scipy.stats import kendalltau
+
+    n_tasks = len(lb.tasks)
+    if n_tasks < 2 or len(lb.backbones) < 2:
+        return {"tau": {}, "min": None, "task": None,
+                "sentence": "stability needs at least two tasks and two backbones"}
+    full = ranks_of(score(lb.values, aggregate, task_of, n_tasks))
+    taus, moved = {}, {}
+    for t, name in enumerate(lb.tasks):
+        keep = [j for j, k in enumerate(task_of) if k != t]
+        sub = [task_of[j] - (task_of[j] > t) for j in keep]
+        loo = ranks_of(score(lb.values[:, keep], aggregate, sub, n_tasks - 1))
+        with _quiet():
+            tau = kendalltau(full, loo).statistic
+        taus[name] = 1.0 if not np.isfinite(tau) else float(tau)  # all tied in both: the same order
+        moved[name] = [(lb.backbones[i], int(full[i]), int(loo[i])) for i in np.argsort(full) if full[i] != loo[i]]
+    worst = min(taus, key=lambda k: (taus[k], k))
+    if not moved[worst]:
+        sentence = "no single task changes the order: removing any one leaves the ranking as it is (Kendall's τ = 1)"
+    else:
+        change = ", ".join(f"{b} #{a}→#{z}" for b, a, z in moved[worst])
+        sentence = (f"removing `{worst}` changes the order the most (Kendall's τ = {taus[worst]:.2f}): {change}")
+    return {"tau": taus, "min": taus[worst], "task": worst, "sentence": sentence}
