@@ -50,6 +50,16 @@ def test_segment_cli_records_outcomes_that_recompute_the_metrics(shapes_cache, r
     labels = read_dense_labels(Cache(shapes_cache), "shapes", "test")
     pixels = sum(labels.mask(i).size for i in range(len(labels)))
     assert record["metrics"]["pixel_acc"] == pytest.approx(arrays["intersection"].sum() / pixels)
+    # the report's resampler: identity rows give the record's mIoU; a resample sums the chosen images' counts
+    from backbench.probe.dense_metrics import iou_from_counts
+    from backbench.tasks.base import resampler
+
+    rs = resampler(record, arrays)
+    rows = np.random.default_rng(0).integers(0, 40, size=(3, 40))
+    got = rs.statistic([np.vstack([np.arange(40), rows])])
+    assert got[0] == pytest.approx(record["metrics"]["miou"], abs=1e-12)
+    for b, r in enumerate(rows, start=1):
+        assert got[b] == pytest.approx(iou_from_counts(arrays["intersection"][r], arrays["union"][r])["miou"])
 
 
 def test_detect_api_detections_rescored_by_pycocotools(shapes_cache):

@@ -19,8 +19,8 @@ import numpy as np
 from backbench.errors import ProbeInputError
 from backbench.kinds import is_map
 from backbench.store.cache import Cache
-from backbench.tasks.base import (CS, NUMBER, POS_INT, Param, Record, RunOptions, Task, TaskRequest, logged,
-                                  register)
+from backbench.tasks.base import (CS, NUMBER, POS_INT, Param, Record, Resampler, RunOptions, Task, TaskRequest,
+                                  logged, register)
 
 DEFAULT_MAP = "map"
 # The detection probe's light default pyramid: 64 channels, levels at 2x, 1x and 0.5x the map (strides 8-32 on a
@@ -140,6 +140,27 @@ def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tup
     return [logged(cache, request, record, compute, options)]
 
 
+def resample_miou(record: Record, outcomes: dict[str, Any]) -> Resampler:
+    """mIoU on resampled images: each replicate sums the per-image intersection and union counts
+    with the images' multiplicities (one matmul), then IoU per class and their mean as
+    :func:`~backbench.probe.dense_metrics.iou_from_counts` (classes with no union left out)."""
+    inter = np.asarray(outcomes["intersection"], dtype=np.float64)
+    union = np.asarray(outcomes["union"], dtype=np.float64)
+    n = len(inter)
+
+    def statistic(idx) -> np.ndarray:
+        rows = np.asarray(idx[0])
+        counts = np.bincount((rows + n * np.arange(len(rows))[:, None]).ravel(), minlength=len(rows) * n)
+        weights = counts.reshape(len(rows), n).astype(np.float64)
+        i, u = weights @ inter, weights @ union
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(u > 0, i / np.maximum(u, 1), np.nan)
+        valid = np.isfinite(iou)
+        return np.where(valid.any(axis=1), np.nansum(iou, axis=1) / np.maximum(valid.sum(axis=1), 1), np.nan)
+
+    return Resampler((n,), statistic)
+
+
 def detections_arrays(detections: list) -> dict[str, np.ndarray]:
     """Per-image detections ``[(boxes, scores, labels), ...]`` as flat arrays and offsets."""
     counts = [len(np.asarray(s)) for _, s, _ in detections]
@@ -159,7 +180,7 @@ SEGMENTATION = register(Task(
     "segmentation", _segment,
     {"lr": Param(None, *_LISTS), "weight_decay": Param(None, *_LISTS), "epochs": Param(20, *POS_INT),
      "batch_size": Param(16, *POS_INT)},
-    optional_roles=("val",), metric="miou", cli="segment", dense="mask",
+    optional_roles=("val",), metric="miou", cli="segment", dense="mask", resample=resample_miou,
     help="Linear segmentation probe (DINOv2's BN + 1x1 conv) on cached feature maps: mIoU."))
 DETECTION = register(Task(
     "detection", _detect,

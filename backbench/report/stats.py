@@ -236,13 +236,15 @@ def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
     nb, nc = lb.values.shape
     R = np.repeat(lb.values[:, :, None], bootstrap, axis=2)  # cells without outcomes stay at their value
     no_outcomes: list[str] = []
+    not_resampled: list[str] = []
     curves: dict[tuple[str, int], list[tuple[np.ndarray, list[float]]]] = {}  # (backbone, shots) -> per dataset
     for (b, c), recs in cell_records.items():
         i, j = lb.backbones.index(b), lb.columns.index(c)
         groups = cell_resamplers(recs, outcomes)
         if groups is None:
             st.cells[(b, c)] = Interval(float(lb.values[i, j]))
-            no_outcomes.append(f"{b} {c}")
+            kept = all(r.get("outcomes") for r in recs)
+            (not_resampled if kept else no_outcomes).append(f"{b} {c}")
             continue
         own = float(np.mean([np.mean([identity_value(r) for r in g]) for g in groups.values()]))
         if not np.isclose(own, lb.values[i, j], rtol=1e-5, atol=1e-6):
@@ -261,6 +263,9 @@ def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
         st.notes.append(f"no per-sample outcomes (records written before they were kept, or their cache is not at hand): "
                         f"{'; '.join(no_outcomes)}; their cells have no interval and are held fixed in the "
                         f"rank intervals")
+    if not_resampled:
+        st.notes.append(f"no interval for {'; '.join(not_resampled)}: the task does not resample its metric from "
+                        f"its outcomes (or their cache is not at hand); held fixed in the rank intervals")
     st.fewshot = fewshot_bands(curves)
     task_of = [lb.tasks.index(c.split(":")[0]) for c in lb.columns]
     _aggregates(st, lb, R, task_of)
