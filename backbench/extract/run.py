@@ -23,6 +23,7 @@ from backbench.errors import BackbenchError, CacheMismatch, SampleError
 from backbench.extract.backbones import Backbone, load_backbone
 from backbench.extract.datasets import ImageSource, limit_source, open_source
 from backbench.extract.decode import ON_DEVICE, DeviceDecoder, provenance, resolve_decode, started_decode
+from backbench.extract.flops import forward_gflops
 from backbench.extract.groups import await_group, batch_chunk_rows, group_attrs, open_or_create
 from backbench.extract.kinds import for_maps, size_line
 from backbench.extract.loader import Waits, make_loader
@@ -265,6 +266,8 @@ def extract(
     key = (model.name, dataset, split, stored_kind(kinds[0], view))
     decode = _decoding(cache, key, src, decode, device, overwrite)
     attrs = group_attrs(model, src, dataset, split, dtype, provenance(decode, device), kinds[0], view, map_grid)
+    if overwrite or key not in cache:  # counted once, for a new group: a resumed one keeps its count
+        attrs["backbone_info"] = {**attrs["backbone_info"], "gflops": forward_gflops(model)}
     if cache.is_url and shard[0] > 0:  # no locks at URLs: shard 0 alone creates the group
         await_group(cache, attrs, len(src), shard, on_wait)
     with _held_groups(cache, model, src, attrs, kinds, view, shard=shard, overwrite=overwrite,
