@@ -121,3 +121,40 @@ def test_inputs_that_cannot_give_a_result_are_refused(data):
         probe((tm, tb, ts[:-1]), test)
     with pytest.raises(ProbeInputError, match="ViTDet"):
         probe((tm, tb, ts), test, scales=(3.0,))
+
+
+def _scene(rng, n_images: int, n_classes: int):
+    """Ground truth and noisy scored detections (some misses, some false alarms) on random images."""
+    gt, dets = [], []
+    for _ in range(n_images):
+        m = int(rng.integers(0, 4))
+        xy = rng.uniform(0, 60, size=(m, 2))
+        boxes = np.hstack([xy, xy + rng.uniform(8, 30, size=(m, 2))])
+        labels = rng.integers(0, n_classes, size=m)
+        gt.append((boxes, labels))
+        keep = rng.random(m) < 0.8
+        found = boxes[keep] + rng.normal(0, 2.5, size=(int(keep.sum()), 4))
+        extra = int(rng.integers(0, 3))
+        exy = rng.uniform(0, 60, size=(extra, 2))
+        found = np.vstack([found, np.hstack([exy, exy + 15])])
+        dets.append((found, rng.random(len(found)).astype(np.float32),
+                     np.concatenate([labels[keep], rng.integers(0, n_classes, size=extra)])))
+    return gt, dets
+
+
+def test_box_ap_on_resampled_images_is_cocoeval_on_the_resampled_list():
+    """The report's AP replicate (weighted accumulate over COCOeval's matching, done once) equals
+    pycocotools run again on the resampled image list, duplicates and all."""
+    from backbench.probe.box_resample import multiplicities, weighted_box_ap
+    from backbench.probe.dense_metrics import coco_box_eval
+
+    rng = np.random.default_rng(5)
+    gt, dets = _scene(rng, 40, 3)
+    sizes = [(100, 100)] * 40
+    metrics, matches = coco_box_eval(gt, dets, sizes, 3)
+    rows = np.vstack([np.arange(40), rng.integers(0, 40, size=(4, 40))])
+    got = weighted_box_ap(matches, multiplicities(rows, 40))
+    assert got[0] == pytest.approx(metrics["ap"], abs=1e-12)
+    for b in range(1, 5):
+        again = coco_box_ap([gt[i] for i in rows[b]], [dets[i] for i in rows[b]], [sizes[i] for i in rows[b]], 3)
+        assert got[b] == pytest.approx(again["ap"], abs=1e-12)

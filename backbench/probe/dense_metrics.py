@@ -83,7 +83,14 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def coco_box_ap(gt: Sequence, detections: Sequence, sizes: Any, num_classes: int) -> dict[str, float]:
-    """COCO box AP, AP50 and AP75 by pycocotools' ``COCOeval`` on COCO objects built in memory.
+    """COCO box AP, AP50 and AP75 (see :func:`coco_box_eval`)."""
+    return coco_box_eval(gt, detections, sizes, num_classes)[0]
+
+
+def coco_box_eval(gt: Sequence, detections: Sequence, sizes: Any,
+                  num_classes: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(metrics, matches): COCO box AP, AP50 and AP75 by pycocotools' ``COCOeval`` on COCO objects
+    built in memory, and its per-detection matching (:func:`coco_matches`) for resampling.
 
     ``gt``: per image ``((M, 4) xyxy boxes, (M,) labels)``; ``detections``: per image
     ``(boxes, scores, labels)``; ``sizes``: (n, 2) image (H, W); all in original pixels, labels
@@ -109,7 +116,39 @@ def coco_box_ap(gt: Sequence, detections: Sequence, sizes: Any, num_classes: int
         evaluator.accumulate()
         evaluator.summarize()
     ap, ap50, ap75 = (float(s) if s >= 0 else float("nan") for s in evaluator.stats[:3])
-    return {"ap": ap, "ap50": ap50, "ap75": ap75}
+    return {"ap": ap, "ap50": ap50, "ap75": ap75}, coco_matches(evaluator)
+
+
+def coco_matches(evaluator: Any) -> dict[str, np.ndarray]:
+    """What ``COCOeval.accumulate`` reads for AP (area "all", the largest maxDets), as arrays:
+    per kept detection its ``match_image``, ``match_class``, ``match_score``, ``match_tp``
+    (T IoU thresholds: matched a ground truth) and ``match_ignore``; ``match_gt`` (images,
+    classes): the ground-truth boxes that count. AP recomputed from them on resampled images
+    is :func:`backbench.probe.box_resample.weighted_box_ap`."""
+    p = evaluator.params
+    n_img, n_area, max_det = len(p.imgIds), len(p.areaRng), p.maxDets[-1]
+    all_area = list(p.areaRngLbl).index("all")
+    image, label, score, tp, ignore = [], [], [], [], []
+    gt = np.zeros((n_img, len(p.catIds)), dtype=np.int32)
+    for k in range(len(p.catIds)):
+        for i in range(n_img):
+            e = evaluator.evalImgs[k * n_area * n_img + all_area * n_img + i]
+            if e is None:
+                continue
+            gt[i, k] = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+            d = len(e["dtScores"][:max_det])
+            image.append(np.full(d, i, np.int32))
+            label.append(np.full(d, k, np.int32))
+            score.append(np.asarray(e["dtScores"][:max_det], np.float64))
+            tp.append(np.asarray(e["dtMatches"])[:, :max_det].T != 0)
+            ignore.append(np.asarray(e["dtIgnore"], dtype=bool)[:, :max_det].T)
+    n_thr = len(p.iouThrs)
+    return {"match_image": np.concatenate(image or [np.zeros(0, np.int32)]),
+            "match_class": np.concatenate(label or [np.zeros(0, np.int32)]),
+            "match_score": np.concatenate(score or [np.zeros(0)]),
+            "match_tp": np.concatenate(tp or [np.zeros((0, n_thr), bool)]),
+            "match_ignore": np.concatenate(ignore or [np.zeros((0, n_thr), bool)]),
+            "match_gt": gt}
 
 
 def _annotations(image: int, boxes: Any, labels: Any, scores: Any, num_classes: int, first_id: int) -> list[dict]:

@@ -135,7 +135,8 @@ def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tup
             train_sizes=train_labels.image_sizes, eval_sizes=eval_labels.image_sizes, lr=params["lr"],
             weight_decay=params["weight_decay"], epochs=params["epochs"], batch_size=params["batch_size"],
             width=params["width"], scales=params["scales"], device=options.device, seed=request.seed)
-        return {"features": kind, "metrics": result.metrics, "outcomes": detections_arrays(result.detections)}
+        return {"features": kind, "metrics": result.metrics,
+                "outcomes": {**detections_arrays(result.detections), **result.matches}}
 
     return [logged(cache, request, record, compute, options)]
 
@@ -144,14 +145,14 @@ def resample_miou(record: Record, outcomes: dict[str, Any]) -> Resampler:
     """mIoU on resampled images: each replicate sums the per-image intersection and union counts
     with the images' multiplicities (one matmul), then IoU per class and their mean as
     :func:`~backbench.probe.dense_metrics.iou_from_counts` (classes with no union left out)."""
+    from backbench.probe.box_resample import multiplicities
+
     inter = np.asarray(outcomes["intersection"], dtype=np.float64)
     union = np.asarray(outcomes["union"], dtype=np.float64)
     n = len(inter)
 
     def statistic(idx) -> np.ndarray:
-        rows = np.asarray(idx[0])
-        counts = np.bincount((rows + n * np.arange(len(rows))[:, None]).ravel(), minlength=len(rows) * n)
-        weights = counts.reshape(len(rows), n).astype(np.float64)
+        weights = multiplicities(idx[0], n)
         i, u = weights @ inter, weights @ union
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(u > 0, i / np.maximum(u, 1), np.nan)
@@ -159,6 +160,17 @@ def resample_miou(record: Record, outcomes: dict[str, Any]) -> Resampler:
         return np.where(valid.any(axis=1), np.nansum(iou, axis=1) / np.maximum(valid.sum(axis=1), 1), np.nan)
 
     return Resampler((n,), statistic)
+
+
+def resample_box_ap(record: Record, outcomes: dict[str, Any]) -> Resampler | None:
+    """Box AP on resampled images from the record's COCOeval matching (None for records
+    written before it was kept); see :mod:`backbench.probe.box_resample`."""
+    from backbench.probe.box_resample import multiplicities, weighted_box_ap
+
+    if "match_gt" not in outcomes:
+        return None
+    n = len(outcomes["match_gt"])
+    return Resampler((n,), lambda idx: weighted_box_ap(outcomes, multiplicities(idx[0], n)))
 
 
 def detections_arrays(detections: list) -> dict[str, np.ndarray]:
@@ -189,5 +201,5 @@ DETECTION = register(Task(
      "width": Param(64, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 32 and v % 32 == 0,
                     "a multiple of 32 (FCOS's GroupNorm(32)), e.g. 64", int),
      "scales": Param(list(DETECT_SCALES), *_SCALES)},
-    metric="ap", cli="detect", dense="boxes",
+    metric="ap", cli="detect", dense="boxes", resample=resample_box_ap,
     help="Detection probe (simple feature pyramid + FCOS head) on cached feature maps: COCO box AP."))

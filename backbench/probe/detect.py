@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,7 +34,7 @@ from torch import nn
 from backbench.errors import ProbeInputError
 from backbench.probe.dense_data import (blocks, check_pair, epoch_blocks, map_shape, read_block, same_grid,
                                         warmup_linear_decay)
-from backbench.probe.dense_metrics import coco_box_ap
+from backbench.probe.dense_metrics import coco_box_eval
 
 SCALES = (4.0, 2.0, 1.0, 0.5)  # ViTDet's pyramid from a stride-16 map: strides 4, 8, 16, 32
 
@@ -45,6 +45,7 @@ class DetectResult:
 
     metrics: dict
     detections: list
+    matches: dict = field(default_factory=dict)  # COCOeval's matching, for resampling (coco_matches)
 
 
 class LayerNorm2d(nn.Module):
@@ -126,8 +127,8 @@ def detect_probe(train_maps, train_boxes: Sequence, eval_maps, eval_boxes: Seque
     targets = [frame.target(b, train_sizes[i], num_classes, i) for i, b in enumerate(train_boxes)]
     _train(model, frame, train_maps, targets, lr, weight_decay, epochs, batch_size, device, seed)
     found = _detect(model, frame, eval_maps, eval_sizes, batch_size, device)
-    metrics = {**coco_box_ap(eval_boxes, found, eval_sizes, num_classes), "n": int(len(eval_boxes))}
-    return DetectResult(metrics, found)
+    metrics, matches = coco_box_eval(eval_boxes, found, eval_sizes, num_classes)
+    return DetectResult({**metrics, "n": int(len(eval_boxes))}, found, matches)
 
 
 def _sizes(sizes: Any, n: int, what: str) -> np.ndarray:
