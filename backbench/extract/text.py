@@ -7,7 +7,8 @@ same arrays, row checksums and provenance as an image group (``features`` float3
 ``ids``), outside the ``backbone/dataset/split`` tree that ``ls``, ``verify`` and the battle walk.
 Its attributes name the texts' SHA-256 and the hash of the image tower loaded with this text
 tower, so a group is reused only beside image features of the same weights, and is recomputed,
-never misused, when the weights behind a name change.
+never misused, when the weights behind a name change. ``pack``, ``merge`` and ``export`` carry
+these groups with the records that read them (:mod:`backbench.store.text_groups`).
 
 Zero-shot prompts follow Radford et al. (2021) as CLIP_benchmark and open_clip run them: each
 class name in every template, each prompt embedding L2-normalised, averaged over templates,
@@ -27,8 +28,7 @@ import numpy as np
 from backbench.errors import DataSourceError, NotApplicable, ProbeInputError, require
 from backbench.store.cache import Cache, backbone_slug
 from backbench.store.group import FeatureGroup
-
-TEXT = "_text"  # the text groups' folder at the cache's root
+from backbench.store.text_groups import TEXT
 # template sets open_clip ships (open_clip.zero_shot_metadata): CLIP's 80 ImageNet templates, and
 # the 7 of them CLIP's notebook selected as an ensemble
 TEMPLATE_SETS = {"openai": "OPENAI_IMAGENET_TEMPLATES", "simple": "SIMPLE_IMAGENET_TEMPLATES"}

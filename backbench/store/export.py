@@ -1,5 +1,8 @@
 """Export cache groups to HDF5 (h5py), and import them back: the same arrays and attributes,
-no pickles. Import also takes plain HDF5 features from other tools (thingsvision, ...)."""
+no pickles. Import also takes plain HDF5 features from other tools (thingsvision, ...).
+
+The cached text embeddings (``_text/...``) go out and come back at their own paths, checked
+whole on both sides (:mod:`backbench.store.text_groups`)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from backbench.labels import LabelRules, normalize_labels
 from backbench.store.cache import Cache
 from backbench.store.chunks import as_crc
 from backbench.store.verify import refuse_damaged
-from backbench.store.group import cache_key, chunk_rows_for, group_key
+from backbench.store.group import FeatureGroup, cache_key, chunk_rows_for, group_key
+from backbench.store.text_groups import is_text_group, refuse_torn, text_groups, text_path
 
 
 JSON_ATTRS = "backbench_json_attrs"  # on each exported group: the attributes stored as JSON text
@@ -31,15 +35,18 @@ def _h5_attr(value: Any) -> Any:
 
 
 def export_h5(cache: Cache, target: str | Path, *, chunk_rows: int | None = None) -> list[str]:
-    """Copy every group of ``cache`` into the HDF5 file ``target``; returns the group paths."""
+    """Copy every group of ``cache`` (and its text embeddings) into the HDF5 file ``target``;
+    returns the group paths."""
     h5py = require("h5py", extra="h5")
 
     written = []
     refuse_damaged(cache)
+    texts = list(text_groups(cache))
+    refuse_torn(texts, cache.path, "nothing was exported")
     with h5py.File(target, "w") as h5:
         h5.attrs["backbench"] = "feature cache export"
         h5.attrs["source_cache"] = str(cache.path)
-        for group in cache.groups(bounded=False):
+        for group in [*cache.groups(bounded=False), *texts]:
             group.check().check_files()
             data = {name: group.node[name][:] for name in ("features", "labels", "ids", "logits", "chunk_checksum")
                     if name in group.node}  # each array read once: checked, then written
@@ -112,16 +119,13 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
             jobs = _plan_exported(where, exported, backbone, dataset, split, dtype)
         else:
             jobs = [_plan_foreign(where, h5, backbone, dataset, split, dtype or "float16")]
-        for spec, rows, key, have in _targets(cache, jobs):
-            path_ = cache.group_path(*key)
+        for spec, rows, path_, have in _targets(cache, jobs):
             if have is not None and have.is_complete:
                 report["already_present"].append(path_)
                 continue
             fresh = have is None
             if fresh:
-                with locked(local_folder(cache.path)):
-                    have = cache.create_group(*key, n=spec["n"], dim=spec["dim"], num_classes=spec["num_classes"],
-                                              dtype=spec["dtype"], chunk_rows=spec["chunk_rows"], attrs=spec["attrs"])
+                have = _create(cache, path_, spec)
             try:
                 with locked(local_folder(cache.path, have.path, "features")):
                     written = fill(have, [rows])
@@ -136,20 +140,44 @@ def import_report(path: str | Path, cache: Cache, *, backbone: str | None = None
     return report
 
 
+def _create(cache: Cache, path: str, spec: dict[str, Any]) -> FeatureGroup:
+    """A new group at ``path`` as ``spec`` describes it (a feature group is also indexed)."""
+    from backbench.store.lock import local_folder, locked
+
+    sizes = dict(n=spec["n"], dim=spec["dim"], num_classes=spec["num_classes"], dtype=spec["dtype"],
+                 chunk_rows=spec["chunk_rows"], attrs=spec["attrs"])
+    with locked(local_folder(cache.path)):
+        if is_text_group(spec["attrs"]):  # opened by path, never listed: not in the index
+            cache.require_writable("import")
+            return FeatureGroup.create(cache.root, path, **sizes)
+        return cache.create_group(*group_key(spec["attrs"]), **sizes)
+
+
+def _held(cache: Cache, attrs: dict[str, Any]) -> tuple[str, FeatureGroup | None]:
+    """Where a group with ``attrs`` goes in ``cache``, and the group there now (None if none)."""
+    if is_text_group(attrs):
+        path = text_path(attrs)
+        try:
+            return path, FeatureGroup(cache.root[path]).check()
+        except KeyError:
+            return path, None
+    key = group_key(attrs)
+    return cache.group_path(*key), cache.group(*key) if key in cache else None
+
+
 def _targets(cache: Cache, jobs: list) -> list[tuple]:
-    """``(spec, rows, key, group or None)`` per job; a group the cache holds with another
+    """``(spec, rows, path, group or None)`` per job; a group the cache holds with another
     fingerprint or layout is refused here, before anything is written."""
     from backbench.store.merge import check_same, layout
 
     targets = []
     for spec, rows in jobs:
-        key = group_key(spec["attrs"])
-        have = cache.group(*key) if key in cache else None
+        path, have = _held(cache, spec["attrs"])
         if have is not None:
             check_same(have.attrs.get("cache_key"), layout(have), cache_key(spec["attrs"]),
                        (spec["n"], spec["dim"], spec["dtype"], spec["num_classes"]),
                        partial(_import_conflict, f"{have.path} exists in {cache.path}"))
-        targets.append((spec, rows, key, have))
+        targets.append((spec, rows, path, have))
     return targets
 
 
@@ -240,6 +268,8 @@ def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) ->
 
         stored = (np.array([as_crc(_py(v)) for v in g["chunk_checksum"][()]], dtype=np.int64)
                   if "chunk_checksum" in g else None)
+        if is_text_group(attrs):
+            _check_text(where, g.name.strip("/"), attrs, stored)
         rows = Rows(f"{where}:{g.name}", n, int(attrs["chunk_rows"]), read, stored=stored,
                     algorithm=attrs.get("checksum", "crc32"))
         spec = {"attrs": attrs, "n": n, "dim": dim, "dtype": attrs["dtype"], "chunk_rows": int(attrs["chunk_rows"]),
@@ -249,6 +279,17 @@ def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) ->
         held = ", ".join(sorted(g.name.strip("/") for g in groups))
         raise CacheError(f"{where} has no group for the given --backbone/--dataset/--split; it holds: {held}")
     return jobs
+
+
+def _check_text(where: str, name: str, attrs: dict[str, Any], stored: np.ndarray | None) -> None:
+    """Refuse a text embeddings group of an exported file that is torn or at another place than its
+    attributes name (its chunks are checked against their checksums as they are copied)."""
+    if name != text_path(attrs):
+        raise CacheError(f"{where}: text group {name} names another place ({text_path(attrs)}); export it again; "
+                         f"nothing was imported")
+    if stored is None or (stored < 0).any():
+        raise CacheError(f"{where}: text embeddings {name} are torn (chunks without a checksum); export them "
+                         f"again from a cache where they are whole; nothing was imported")
 
 
 def _plan_foreign(where: str, h5, backbone, dataset, split, dtype: str):

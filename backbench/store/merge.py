@@ -9,6 +9,9 @@ target gets the union of their finished chunks.
 Every chunk is read whole, its checksum recomputed against the one its source stored at
 write time, and written through :meth:`FeatureGroup.write_rows` (done markers last, so a
 merge that dies half-way leaves finished chunks only, and rerunning it does the rest).
+
+Cached text embeddings (``_text/...``, :mod:`backbench.store.text_groups`) are merged the same
+way: a torn copy in a source, or two copies with different fingerprints, refuse the merge.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from backbench.store.location import Location
 from backbench.store.lock import group_locked, local_folder, locked
 from backbench.store.results import ResultsLog, results_groups
 from backbench.store.structure import RESULTS
+from backbench.store.text_groups import copy_text, refuse_torn, text_groups, text_problem
 from backbench.store.verify import refuse_damaged
 
 COPY_BYTES = 64 << 20  # features per write_rows call (a run of whole chunks)
@@ -182,7 +186,7 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
     """Copy every group and results record of ``sources`` into ``target``; see the module doc.
 
     Returns ``{"into", "sources", "groups_copied", "groups_present", "incomplete",
-    "chunks_copied", "records_copied", "records_present"}``.
+    "chunks_copied", "texts_copied", "texts_present", "records_copied", "records_present"}``.
     """
     mine = target.location.identity
     for src in sources:
@@ -206,6 +210,7 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
             check_same(have.attrs.get("cache_key"), layout(have), key0, layout(g0),
                        partial(conflict, path, target.path, c0.path))
         plan.append((path, entries, have))
+    texts = _plan_texts(sources, target)
     # ------------------------------------------------------------------- copy
     summary: dict[str, Any] = {"into": target.path, "sources": [s.path for s in sources], "groups_copied": [],
                                "groups_present": [], "incomplete": [], "chunks_copied": 0}
@@ -226,8 +231,48 @@ def merge(sources: list[Cache], target: Cache) -> dict[str, Any]:
         summary["chunks_copied"] += written
         if not group.is_complete:
             summary["incomplete"].append({"group": path, "rows_done": group.rows_done(), "n": group.n})
+    summary.update(_copy_texts(texts, target))
     summary.update(copy_records(sources, target))
     return summary
+
+
+TextPlan = list[tuple[str, FeatureGroup, "FeatureGroup | None"]]
+
+
+def _plan_texts(sources: list[Cache], target: Cache) -> TextPlan:
+    """(path, the source copy, the target's copy or None) of every text group of ``sources``;
+    torn copies and copies with other fingerprints are refused here, before anything is written."""
+    found: dict[str, list[tuple[Cache, FeatureGroup]]] = {}
+    for src in sources:
+        for g in text_groups(src):
+            found.setdefault(g.path, []).append((src, g))
+    refuse_torn([g for entries in found.values() for _, g in entries], " and ".join(s.path for s in sources),
+                "nothing was merged")
+    held = {g.path: g for g in text_groups(target)}
+    plan: TextPlan = []
+    for path, entries in found.items():
+        (c0, g0), have = entries[0], held.get(path)
+        others = [(c.path, g) for c, g in entries[1:]] + ([(target.path, have)] if have is not None else [])
+        for where, g in others:
+            shape = (g.n, g.dim, g.dtype)
+            check_same(g0.attrs.get("cache_key"), (g0.n, g0.dim, g0.dtype), g.attrs.get("cache_key"), shape,
+                       partial(conflict, path, c0.path, where))
+        plan.append((path, g0, have))
+    return plan
+
+
+def _copy_texts(plan: TextPlan, target: Cache) -> dict[str, list[str]]:
+    """Copy the planned text groups the target lacks (or holds torn); ``texts_copied``, ``texts_present``."""
+    copied, present = [], []
+    for path, source, have in plan:
+        if have is not None and text_problem(have) is None:
+            present.append(path)
+            continue
+        target.require_writable("merge")
+        with group_locked(target.path, path):  # not while a zero-shot run stores the same texts
+            copy_text(target, source)
+        copied.append(path)
+    return {"texts_copied": copied, "texts_present": present}
 
 
 def copy_records(sources: list[Cache], target: Cache) -> dict[str, int]:

@@ -3,7 +3,8 @@
 
 An archive is untrusted input: members with absolute paths, ``..`` or links are refused
 before anything is written, everything lands in a staging folder first, and only groups
-whose checksums verify are moved into the cache.
+whose checksums verify are moved into the cache. The text embeddings that the packed records
+read (``_text/...`` groups, :mod:`backbench.store.text_groups`) travel with them, checked the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from backbench.store.location import Location
 from backbench.store.lock import group_locked
 from backbench.store.results import results_groups
 from backbench.store.structure import RESULTS, group_path_ok
+from backbench.store.text_groups import (is_text_group, is_text_path, keys_of, named_by, refuse_torn, text_groups,
+                                         text_problem)
 from backbench.store.verify import incomplete, refuse_damaged, verify
 
 MANIFEST = "backbench-pack.json"
@@ -41,8 +44,9 @@ def _local_root(cache: Cache | str | os.PathLike | None) -> Path:
 
 
 def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
-    """Zip the given group paths (as in ``backbench ls --json``), the root metadata and the
-    results records that read only these groups.
+    """Zip the given group paths (as in ``backbench ls --json``; all of them when none are
+    given), the root metadata, the results records that read only these groups (and text
+    embeddings), and the text embeddings those records read (``_text/...`` paths may be given too).
 
     The zip is written under a temporary name beside ``target`` and renamed when whole, so
     ``target`` is never a truncated zip; leftovers of killed runs are removed first.
@@ -50,26 +54,31 @@ def pack(cache: Cache, groups: list[str], target: str | Path) -> dict:
     root, target = _local_root(cache), Path(target)
     if not groups:
         refuse_damaged(cache)
-    held = {g.path: g for g in cache.groups()}
-    missing = [g for g in groups if g.strip("/") not in held]
+    held, texts = {g.path: g for g in cache.groups()}, {g.path: g for g in text_groups(cache)}
+    names = [g.strip("/") for g in groups]
+    missing = [g for g in names if g not in held and g not in texts]
     if missing:
         raise CacheError(f"no group {missing[0]!r} in {cache.path}; see `backbench ls --json` for group paths")
-    chosen = {held[g.strip("/")] for g in groups} if groups else set(held.values())
+    chosen = {held[g] for g in names if g in held} if groups else set(held.values())
     for g in chosen:  # a pack holds whole, readable groups only (unpack refuses anything else)
         if not g.check().check_files().is_complete:
             raise IncompleteGroup(f"group {g.path} is incomplete ({g.rows_done()} of {g.n} rows); finish it with "
                                   f"`backbench extract` before packing it (or merge caches instead)")
-    keys = {g.attrs["cache_key"] for g in chosen}
+    keys, text_keys = {g.attrs["cache_key"] for g in chosen}, keys_of(texts.values())
     records = [r for r in (dict(n.attrs) for _, n in results_groups(cache))
-               if set(r.get("groups", {}).values()) <= keys]
-    manifest = {"groups": sorted(g.path for g in chosen), "records": len(records)}
+               if set(r.get("groups", {}).values()) - set(text_keys) <= keys]
+    carried = {g.path: g for g in named_by(records, text_keys)}
+    carried.update({p: texts[p] for p in (names if groups else texts) if p in texts})
+    refuse_torn(carried.values(), cache.path, "nothing was packed")
+    manifest = {"groups": sorted(g.path for g in chosen), "records": len(records), "text": sorted(carried)}
     clean_partials(target.parent, recursive=False, name=target.name)
     tmp = partial_name(target)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf, ExitStack() as locks:
-            for g in sorted(chosen, key=lambda g: g.path):  # no extraction, overwrite or merge while zipping
+            every = sorted([*chosen, *carried.values()], key=lambda g: g.path)
+            for g in every:  # no extraction, overwrite, merge or text embedding while zipping
                 locks.enter_context(group_locked(cache.path, g.path, shared=True))
-            _write_pack(zf, root, sorted(chosen, key=lambda g: g.path), records, manifest)
+            _write_pack(zf, root, every, records, manifest)
         os.replace(tmp, target)
     except OSError as exc:
         raise CacheError(f"cannot write {str(target)!r}: {exc.strerror or exc}; nothing was written") from exc
@@ -177,12 +186,13 @@ def _read_manifest(zf: zipfile.ZipFile, names: list[str], archive: str | Path) -
         raise CacheError(f"{str(archive)!r}: its {MANIFEST} is not valid JSON ({exc}); nothing was unpacked") from None
     groups = manifest.get("groups") if isinstance(manifest, dict) else None
     records = manifest.get("records", 0) if isinstance(manifest, dict) else None
-    if not isinstance(groups, list) or not isinstance(records, int):
-        raise CacheError(f"{str(archive)!r}: its {MANIFEST} must be {{\"groups\": [group paths], \"records\": N}}; "
-                         f"nothing was unpacked")
+    texts = manifest.get("text", []) if isinstance(manifest, dict) else None
+    if not isinstance(groups, list) or not isinstance(records, int) or not isinstance(texts, list):
+        raise CacheError(f"{str(archive)!r}: its {MANIFEST} must be {{\"groups\": [group paths], \"records\": N, "
+                         f"\"text\": [text group paths]}}; nothing was unpacked")
     held = set(names)
-    for g in groups:
-        if not isinstance(g, str) or group_path_ok(g) is None:
+    for g in [*groups, *texts]:
+        if not isinstance(g, str) or group_path_ok(g) is None or is_text_path(g) != (g in texts):
             raise CacheError(f"{str(archive)!r}: its manifest names {g!r}, not a group path inside a cache "
                              f"(backbone/dataset/split, no '..', leading '/', '\\' or empty parts); "
                              f"nothing was unpacked")
@@ -191,7 +201,7 @@ def _read_manifest(zf: zipfile.ZipFile, names: list[str], archive: str | Path) -
                              f"nothing was unpacked")
     if "zarr.json" not in held:
         raise CacheError(f"{str(archive)!r} has no root zarr.json; make packs with `backbench pack`")
-    return {"groups": sorted(set(groups)), "records": records}
+    return {"groups": sorted(set(groups)), "records": records, "text": sorted(set(texts))}
 
 
 def _check_size(zf: zipfile.ZipFile, archive: str | Path, root: Path, max_size: int | None) -> int:
@@ -258,7 +268,21 @@ def _check_staged(staged: Cache, manifest: dict) -> int:
         first = problems[0]
         where = first["group"] + (f" chunk {first['chunk']}" if first.get("chunk") is not None else "")
         raise CacheError(f"pack fails verification at {where}: {first['detail']}; nothing was unpacked")
-    return checked
+    return checked + _check_staged_texts(staged, manifest["text"])
+
+
+def _check_staged_texts(staged: Cache, paths: list[str]) -> int:
+    """Chunks verified in the staged pack's text groups: each whole, at its own path, every chunk
+    against its checksum."""
+    found = {g.path: g for g in text_groups(staged)}
+    for path in paths:
+        group = found.get(path)
+        if group is None or not is_text_group(group.attrs):
+            raise CacheError(f"pack entry {path!r} is not a text embeddings group; nothing was unpacked")
+        problem = text_problem(group)
+        if problem:
+            raise CacheError(f"pack fails verification at {path}: {problem}; nothing was unpacked")
+    return sum(found[p].n_chunks for p in paths)
 
 
 def _move_all(tmp: Path, root: Path, target: Cache | None, manifest: dict) -> None:
@@ -270,6 +294,8 @@ def _move_all(tmp: Path, root: Path, target: Cache | None, manifest: dict) -> No
         for group in manifest["groups"]:
             _move_group(tmp, root, group)
             target._add_to_index(group)  # listed for stores that cannot list (served over HTTP)
+        for group in manifest["text"]:  # opened by path, never listed: not in the index
+            _move_group(tmp, root, group)
         staged_results = Path(tmp, RESULTS)
         for record in sorted(p for p in staged_results.glob("*") if p.is_dir()):
             if not (root / RESULTS / record.name).exists():
@@ -284,8 +310,8 @@ def _move_all(tmp: Path, root: Path, target: Cache | None, manifest: dict) -> No
 
 
 def _refuse_conflicts(staged: Cache, cache: Cache) -> None:
-    held = {g.path: g.attrs.get("cache_key") for g in cache.groups()}
-    for g in staged.groups():
+    held = {g.path: g.attrs.get("cache_key") for g in [*cache.groups(), *text_groups(cache)]}
+    for g in [*staged.groups(), *text_groups(staged)]:
         if g.path in held and held[g.path] != g.attrs.get("cache_key"):
             raise CacheMismatch(f"{g.path} exists in {cache.path} with other contents (cache_key differs); "
                                 f"nothing was unpacked")
