@@ -81,23 +81,38 @@ def column_seed(seed: int, column: str, strata: tuple[int, ...]) -> np.random.Se
 
 def replicates(resamplers: list, bootstrap: int, rng_seed: np.random.SeedSequence,
                seeds_resampled: bool = True) -> np.ndarray:
-    """(bootstrap,) replicate values of the mean over ``resamplers`` (one per seed of a cell).
+    """(bootstrap,) replicate values of the mean over ``resamplers`` (one per seed of a cell);
+    see :func:`shared_replicates`."""
+    return shared_replicates([resamplers], bootstrap, rng_seed, seeds_resampled)[0]
+
+
+def shared_replicates(members: list[list], bootstrap: int, rng_seed: np.random.SeedSequence,
+                      seeds_resampled: bool = True) -> list[np.ndarray]:
+    """For each member (the per-seed resamplers of one backbone's cell, all members with the
+    same strata), its (bootstrap,) replicates on the *same* resampled positions (paired).
 
     Samples are resampled with replacement in each stratum, the same positions for every
-    seed; with several seeds, the seeds are resampled too (few-shot: seeds x samples).
+    seed; with several seeds, the seeds are resampled too (few-shot: seeds x samples), the
+    same seed draws for every member with as many seeds. Positions are drawn once per chunk
+    of replicates for all members.
     """
-    strata = resamplers[0].strata
-    rng = np.random.default_rng(rng_seed)
-    out = np.empty(bootstrap)
+    strata = members[0][0].strata
+    state = [int(x) for x in rng_seed.generate_state(4)]  # deterministic: spawn() would advance the sequence
+    samples, seeds = np.random.default_rng([*state, 0]), np.random.default_rng([*state, 1])
+    out = [np.empty(bootstrap) for _ in members]
     for start in range(0, bootstrap, CHUNK):
         b = min(CHUNK, bootstrap - start)
-        idx = [rng.integers(0, n, size=(b, n), dtype=np.int64) for n in strata]
-        per_seed = np.stack([np.asarray(r.statistic(idx), dtype=np.float64) for r in resamplers])  # (S, b)
-        if len(resamplers) > 1 and seeds_resampled:
-            pick = rng.integers(0, len(resamplers), size=(b, len(resamplers)))
-            out[start:start + b] = np.take_along_axis(per_seed.T, pick, axis=1).mean(axis=1)
-        else:
-            out[start:start + b] = per_seed.mean(axis=0)
+        idx = [samples.integers(0, n, size=(b, n), dtype=np.int64) for n in strata]
+        picks: dict[int, np.ndarray] = {}
+        for m, resamplers in enumerate(members):
+            per_seed = np.stack([np.asarray(r.statistic(idx), dtype=np.float64) for r in resamplers])  # (S, b)
+            S = len(resamplers)
+            if S > 1 and seeds_resampled:
+                if S not in picks:
+                    picks[S] = seeds.integers(0, S, size=(b, S))
+                out[m][start:start + b] = np.take_along_axis(per_seed.T, picks[S], axis=1).mean(axis=1)
+            else:
+                out[m][start:start + b] = per_seed.mean(axis=0)
     return out
 
 
@@ -221,11 +236,22 @@ def cell_resamplers(records: list[dict[str, Any]], outcomes: Callable[[dict[str,
     return groups
 
 
-def cell_replicates(column: str, groups: dict[Any, list], bootstrap: int, seed: int) -> dict[Any, np.ndarray]:
-    """Per shots group, (bootstrap,) replicates of its mean over seeds (a cell's value is the
-    mean over its groups); the same resampled positions for every backbone with the same strata."""
-    return {shots: replicates(g, bootstrap, column_seed(seed, f"{column}|{shots}", g[0].strata))
-            for shots, g in groups.items()}
+def column_replicates(column: str, cells: dict[str, dict[Any, list]], bootstrap: int,
+                      seed: int) -> dict[str, dict[Any, np.ndarray]]:
+    """Per backbone of one column, per shots group, (bootstrap,) replicates of the group's mean
+    over seeds (a cell's value is the mean over its groups). Backbones whose strata agree share
+    the resampled positions (paired) and each chunk of positions is drawn once for them all."""
+    by_strata: dict[tuple, list[tuple[str, Any]]] = {}
+    for b, groups in cells.items():
+        for shots, g in groups.items():
+            by_strata.setdefault((str(shots), g[0].strata), []).append((b, shots))
+    out: dict[str, dict[Any, np.ndarray]] = {b: {} for b in cells}
+    for (shots_key, strata), members in by_strata.items():
+        reps = shared_replicates([cells[b][shots] for b, shots in members], bootstrap,
+                                 column_seed(seed, f"{column}|{shots_key}", strata))
+        for (b, shots), r in zip(members, reps):
+            out[b][shots] = r
+    return out
 
 
 def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
@@ -238,11 +264,12 @@ def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
     no_outcomes: list[str] = []
     not_resampled: list[str] = []
     curves: dict[tuple[str, int], list[tuple[np.ndarray, list[float]]]] = {}  # (backbone, shots) -> per dataset
+    resampled: dict[str, dict[str, dict[Any, list]]] = {}  # column -> backbone -> shots -> resamplers
     for (b, c), recs in cell_records.items():
         i, j = lb.backbones.index(b), lb.columns.index(c)
+        st.cells[(b, c)] = Interval(float(lb.values[i, j]))
         groups = cell_resamplers(recs, outcomes)
         if groups is None:
-            st.cells[(b, c)] = Interval(float(lb.values[i, j]))
             kept = all(r.get("outcomes") for r in recs)
             (not_resampled if kept else no_outcomes).append(f"{b} {c}")
             continue
@@ -250,15 +277,19 @@ def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
         if not np.isclose(own, lb.values[i, j], rtol=1e-5, atol=1e-6):
             st.notes.append(f"{b} {c}: its outcome arrays give {own:.6g}, its record {lb.values[i, j]:.6g}; "
                             f"no interval (rerun the task with --force)")
-            st.cells[(b, c)] = Interval(float(lb.values[i, j]))
             continue
-        reps = cell_replicates(c, groups, bootstrap, seed)
-        R[i, j] = np.mean(list(reps.values()), axis=0)
-        low, high = percentile_interval(R[i, j])
-        st.cells[(b, c)] = Interval(float(lb.values[i, j]), low, high, n=int(sum(next(iter(groups.values()))[0].strata)))
-        if c.startswith("fewshot:"):
-            for shots, g in groups.items():
-                curves.setdefault((b, int(shots)), []).append((reps[shots], [identity_value(r) for r in g]))
+        resampled.setdefault(c, {})[b] = groups
+    for c, cells in resampled.items():
+        j = lb.columns.index(c)
+        for b, reps in column_replicates(c, cells, bootstrap, seed).items():
+            i = lb.backbones.index(b)
+            R[i, j] = np.mean(list(reps.values()), axis=0)
+            low, high = percentile_interval(R[i, j])
+            n = int(sum(next(iter(cells[b].values()))[0].strata))
+            st.cells[(b, c)] = Interval(float(lb.values[i, j]), low, high, n=n)
+            if c.startswith("fewshot:"):
+                for shots, g in cells[b].items():
+                    curves.setdefault((b, int(shots)), []).append((reps[shots], [identity_value(r) for r in g]))
     if no_outcomes:
         st.notes.append(f"no per-sample outcomes (records written before they were kept, or their cache is not at hand): "
                         f"{'; '.join(no_outcomes)}; their cells have no interval and are held fixed in the "
