@@ -12,9 +12,17 @@ from backbench.report.leaderboard import build
 from backbench.tasks.base import Resampler, Task, _TASKS, register
 
 
-def accuracy(correct: np.ndarray) -> Resampler:
+def accuracy(correct: np.ndarray, weighted: bool = False) -> Resampler:
     correct = np.asarray(correct, dtype=bool)
-    return Resampler((len(correct),), lambda idx: correct[idx[0]].mean(axis=1))
+    return Resampler((len(correct),), lambda idx: correct[idx[0]].mean(axis=1),
+                     (lambda w: w[0] @ correct / len(correct)) if weighted else None)
+
+
+def test_the_weighted_form_gives_the_same_replicates():
+    correct = np.random.default_rng(1).random(500) < 0.7
+    seed = S.column_seed(0, "probe:d", (500,))
+    np.testing.assert_allclose(S.replicates([accuracy(correct, True)], 300, seed),
+                               S.replicates([accuracy(correct)], 300, seed), rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- coverage on simulated data

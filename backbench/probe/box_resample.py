@@ -9,7 +9,7 @@ recall thresholds, and the mean over IoU thresholds, thresholds and the classes 
 ground truth in the replicate. (Copies of one detection are adjacent in the score order, and
 within such a run the interpolated precision is the run's last, so collapsing a run into
 one weighted step changes nothing.) With every image once it is pycocotools' AP exactly
-(tested against ``COCOeval``).
+(tested against ``COCOeval``). :func:`multiplicities` turns resampled positions into those weights.
 """
 
 from __future__ import annotations

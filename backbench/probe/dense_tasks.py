@@ -151,15 +151,14 @@ def resample_miou(record: Record, outcomes: dict[str, Any]) -> Resampler:
     union = np.asarray(outcomes["union"], dtype=np.float64)
     n = len(inter)
 
-    def statistic(idx) -> np.ndarray:
-        weights = multiplicities(idx[0], n)
-        i, u = weights @ inter, weights @ union
+    def weighted(weights) -> np.ndarray:
+        i, u = weights[0] @ inter, weights[0] @ union
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(u > 0, i / np.maximum(u, 1), np.nan)
         valid = np.isfinite(iou)
         return np.where(valid.any(axis=1), np.nansum(iou, axis=1) / np.maximum(valid.sum(axis=1), 1), np.nan)
 
-    return Resampler((n,), statistic)
+    return Resampler((n,), lambda idx: weighted([multiplicities(idx[0], n)]), weighted)
 
 
 def resample_box_ap(record: Record, outcomes: dict[str, Any]) -> Resampler | None:
@@ -170,7 +169,8 @@ def resample_box_ap(record: Record, outcomes: dict[str, Any]) -> Resampler | Non
     if "match_gt" not in outcomes:
         return None
     n = len(outcomes["match_gt"])
-    return Resampler((n,), lambda idx: weighted_box_ap(outcomes, multiplicities(idx[0], n)))
+    return Resampler((n,), lambda idx: weighted_box_ap(outcomes, multiplicities(idx[0], n)),
+                     lambda weights: weighted_box_ap(outcomes, weights[0]))
 
 
 def detections_arrays(detections: list) -> dict[str, np.ndarray]:

@@ -96,6 +96,8 @@ def shared_replicates(members: list[list], bootstrap: int, rng_seed: np.random.S
     same seed draws for every member with as many seeds. Positions are drawn once per chunk
     of replicates for all members.
     """
+    from backbench.probe.box_resample import multiplicities
+
     strata = members[0][0].strata
     state = [int(x) for x in rng_seed.generate_state(4)]  # deterministic: spawn() would advance the sequence
     samples, seeds = np.random.default_rng([*state, 0]), np.random.default_rng([*state, 1])
@@ -103,9 +105,13 @@ def shared_replicates(members: list[list], bootstrap: int, rng_seed: np.random.S
     for start in range(0, bootstrap, CHUNK):
         b = min(CHUNK, bootstrap - start)
         idx = [samples.integers(0, n, size=(b, n), dtype=np.int64) for n in strata]
+        weights: list[np.ndarray] = []  # the same resamples as multiplicities, made once if a member takes them
         picks: dict[int, np.ndarray] = {}
         for m, resamplers in enumerate(members):
-            per_seed = np.stack([np.asarray(r.statistic(idx), dtype=np.float64) for r in resamplers])  # (S, b)
+            if not weights and any(r.weighted for r in resamplers):
+                weights = [multiplicities(rows, n) for rows, n in zip(idx, strata)]
+            per_seed = np.stack([np.asarray(r.weighted(weights) if r.weighted else r.statistic(idx), dtype=np.float64)
+                                 for r in resamplers])  # (S, b)
             S = len(resamplers)
             if S > 1 and seeds_resampled:
                 if S not in picks:

@@ -118,6 +118,9 @@ class Resampler:
 
     strata: tuple[int, ...]
     statistic: Callable[[Sequence[Any]], Any]
+    # optional, faster form of the same statistic for metrics that are sums over samples: it gets,
+    # per stratum, the (B, n_s) float64 multiplicity of each position in each resample instead
+    weighted: Callable[[Sequence[Any]], Any] | None = None
 
 
 Check = tuple  # (accepts the value?, what is accepted[, the canonical form of an accepted value])
