@@ -133,8 +133,10 @@ def _battle_on_dask(cfg, store, n_cells: int, workers: Optional[int], scheduler:
 
 
 def _finish(summary, store, json_: bool) -> None:
-    from backbench.report.leaderboard import build, cost_table
-    from backbench.report.render import figures, to_html
+    from backbench.report.cost import cost_table
+    from backbench.report.figures import figures
+    from backbench.report.html import to_html
+    from backbench.report.leaderboard import build
     from backbench.store.results import ResultsLog
 
     records = ResultsLog(store).records()
@@ -161,41 +163,59 @@ def _finish(summary, store, json_: bool) -> None:
 
 
 def _print_leaderboard(lb) -> None:
-    rows = lb.rows()
-    if not rows:
+    """The ranked table (rank with its interval, aggregate ± half width, z per task), the raw
+    metrics (value ± half width), the notes and the statistics' sentences."""
+    from backbench.report import render as R
+
+    if not lb.backbones:
         out.print("no results yet: run `backbench battle` or a probe first")
         return
-    shown = [{k: "–" if v is None else v for k, v in r.items()} for r in rows]  # a missing cell is not blank
-    ranked = ["rank", "backbone", "z_mean", "tasks"] + [f"z:{t}" for t in lb.tasks]
-    table(shown, ranked, title="leaderboard: z-score per task across backbones, their mean (over the tasks "
-                               "counted in `tasks`), rank")
-    table(shown, ["rank", "backbone"] + lb.columns,
-          title="main metric per task:dataset (top-1, mAP, AUROC, mIoU, box AP)")
+    ranked = R.leaderboard_rows(lb)
+    table(ranked, list(ranked[0]), title=f"leaderboard, ranked by {R.AGGREGATE_NAMES[lb.ranked_by]} "
+                                         f"(± half width of the 95 % interval); {R.Z_SENTENCE}")
+    metrics = R.metric_rows(lb)
+    table(metrics, list(metrics[0]), title="main metric per task:dataset (top-1, mAP, AUROC, mIoU, box AP), "
+                                           "value ± half width")
     for note in lb.notes():
         out.print(f"note: {note}")
+    for line in R.statistics_lines(lb):
+        out.print(line)
+
+
+REPORT_FORMATS = "markdown, csv, json, html or latex"
 
 
 @app.command()
 def report(
     cache: Optional[List[str]] = typer.Option(None, "--cache", help="Cache(s) whose results to merge."),
     records: Optional[List[Path]] = typer.Option(None, "--records", help="JSON files from `results --json`."),
-    format_: str = typer.Option("markdown", "--format", help="markdown, csv, json or html."),
+    format_: str = typer.Option("markdown", "--format", help=f"{REPORT_FORMATS}."),
     output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of stdout."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also write the figures as PNG files here."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95 % intervals "
+                                  "(0: no intervals)."),
+    aggregate: str = typer.Option("zmean", "--aggregate", help="What ranks: zmean (BoB's mean z-score), rank "
+                                  "(mean rank over task:dataset columns) or iqm (interquartile mean)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the figures as PNG files (300 dpi) here."),
+    pdf: Optional[Path] = typer.Option(None, "--pdf", help="Also write the figures as PDF files here."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON for machines (the same as --format json)."),
 ) -> None:
-    """The leaderboard: one row per backbone, task metrics, z-scores, rank, task correlations.
+    """The leaderboard with its uncertainty: ranks with intervals, metrics ± half width, pairwise tests.
+
+    Formats: markdown (the terminal tables), csv (one row per backbone), json, html (one self-contained page with its figures), latex (booktabs tables for a paper).
 
     Example:  backbench report --cache battle.zarr --format html -o report.html
+    Example:  backbench report --cache battle.zarr --format latex -o tables.tex --pdf figures/
     """
-    from backbench.report.leaderboard import build, cost_table
-    from backbench.report.render import FORMATS, figures, to_csv, to_html, to_json, to_markdown, write_pngs
+    from backbench.report.stats import AGGREGATES
 
-    if format_ not in FORMATS:
-        raise OptionError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
+    format_ = "json" if json_ else format_
+    if format_ not in ("markdown", "csv", "json", "html", "latex"):
+        raise OptionError(f"--format {format_!r}: use one of {REPORT_FORMATS}")
+    if aggregate not in AGGREGATES:
+        raise OptionError(f"--aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
     recs = _gather(cache, records)
-    lb = build(recs)
-    figs = figures(lb, cost_table(recs)) if (format_ == "html" or png) else {}
-    text = {"markdown": to_markdown, "csv": to_csv, "json": to_json}.get(format_, lambda b: to_html(b, figs))(lb)
+    text, lb = _render(recs, format_, bootstrap=bootstrap, aggregate=aggregate, seed=seed, png=png, pdf=pdf)
     if output:
         output.write_text(text)
         err.print(f"wrote {output}")
@@ -204,9 +224,30 @@ def report(
     else:
         # names from the cache printed as text (the file written by -o keeps them exact); csv's \r\n is a line end
         print(clean(text.replace("\r\n", "\n")))
-    if png:
-        for p in write_pngs(figs, png):
-            err.print(f"wrote {p}")
+
+
+def _render(recs: list[dict], format_: str, *, bootstrap: int, aggregate: str, seed: int,
+            png: Optional[Path], pdf: Optional[Path]):
+    """(the report as text, its leaderboard); the figures written to ``png``/``pdf`` folders."""
+    from backbench.report import render
+    from backbench.report.cost import cost_table
+    from backbench.report.figures import figures, write_figures
+    from backbench.report.leaderboard import build
+
+    lb = build(recs, bootstrap=bootstrap, aggregate=aggregate, seed=seed)
+    formats = tuple(f for f, want in (("svg", format_ == "html"), ("png", png), ("pdf", pdf)) if want)
+    figs = figures(lb, cost_table(recs), formats=formats) if formats else {}
+    if format_ == "html":
+        text = render.to_html(lb, figs)
+    elif format_ == "latex":
+        text = render.to_latex(lb)
+    else:
+        text = {"markdown": render.to_markdown, "csv": render.to_csv, "json": render.to_json}[format_](lb)
+    for fmt, folder in (("png", png), ("pdf", pdf)):
+        if folder:
+            for p in write_figures(figs, folder, fmt):
+                err.print(f"wrote {p}")
+    return text, lb
 
 
 def _gather(caches: Optional[List[str]], files: Optional[List[Path]]) -> list[dict]:
