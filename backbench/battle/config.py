@@ -59,11 +59,13 @@ class ConfigError(BackbenchError, ValueError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset: its splits (name -> data source), their roles, an optional row limit."""
+    """One dataset: its splits (name -> data source), their roles, an optional row limit.
+    ``train`` is None for a dataset with no train split: only tasks that evaluate alone (zero-shot,
+    text retrieval, clustering: their ``roles`` lack "train") may run on it."""
 
     name: str
     splits: dict[str, str]
-    train: str = "train"
+    train: str | None = "train"
     eval: str = "test"
     val: str | None = None
     role: str = "main"  # "main" gets its tasks; "ood" is only an OOD/shifted set
@@ -104,6 +106,14 @@ class BattleConfig:
         if ds.tasks is not None:
             return [t for t in self.tasks if t in ds.tasks]
         return [t for t in self.tasks if not get_task(t).dense]
+
+
+def needs_train(task: str) -> bool:
+    """Whether a task fits on a train split (a probe, kNN, ...); zero-shot, text retrieval and
+    clustering only evaluate."""
+    from backbench.tasks.base import get_task
+
+    return "train" in get_task(task).roles
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -177,8 +187,10 @@ def _dataset(name: str, raw: Any, problems: _Problems) -> DatasetSpec | None:
     if "limit" in raw:
         problems.check(f"datasets.{name}.limit", raw["limit"], (lambda v: is_int(v, 1), "a positive integer (rows)"))
     names = {r: raw.get(r, d) for r, d in (("train", "train"), ("eval", "test"), ("val", None))}
+    if "train" not in raw and splits and "train" not in splits:
+        names["train"] = None  # an eval-only dataset: the tasks that need a train split are refused or left out
     for r, split in names.items():
-        needed = role == "main" and (r != "val" or split is not None)
+        needed = role == "main" and split is not None
         if needed and splits and split not in splits:
             problems.append(f"datasets.{name}: {r} split {split!r} is not among its splits ({', '.join(splits)})")
     tasks = raw.get("tasks")
@@ -186,8 +198,30 @@ def _dataset(name: str, raw: Any, problems: _Problems) -> DatasetSpec | None:
         problems.append(f"datasets.{name}.tasks must be a non-empty list of task names, e.g. [\"segmentation\"], "
                         f"not {tasks!r}")
         tasks = None
-    return DatasetSpec(name, splits, str(names["train"]), str(names["eval"]), names["val"], role, raw.get("limit"),
-                       tuple(tasks) if tasks is not None else None)
+    return DatasetSpec(name, splits, None if names["train"] is None else str(names["train"]), str(names["eval"]),
+                       names["val"], role, raw.get("limit"), tuple(tasks) if tasks is not None else None)
+
+
+def _check_eval_only(ds: DatasetSpec, tasks: dict[str, dict[str, Any]], problems: _Problems) -> None:
+    """A dataset without a train split runs only tasks that need none: a task asked on it (named
+    by its ``tasks``, or without that list every image-level task of the config) that needs a
+    train split is a problem."""
+    from backbench.tasks.base import get_task
+
+    if ds.train is not None or ds.role != "main":
+        return
+    asked = [t for t in tasks if t in ds.tasks] if ds.tasks is not None else \
+        [t for t in tasks if not get_task(t).dense]
+    wrong = [t for t in asked if needs_train(t)]
+    if not wrong:
+        return
+    fit = [t for t in asked if not needs_train(t)]
+    example = "tasks = [" + ", ".join(f'"{t}"' for t in fit) + "]" if fit else 'tasks = ["zeroshot"]'
+    what = (f"datasets.{ds.name}.tasks names {', '.join(wrong)}, which" if ds.tasks is not None else
+            f"datasets.{ds.name} gets every task of the config, and {', '.join(wrong)}")
+    problems.append(f"{what} need(s) a train split, which {ds.name} lacks (splits: {', '.join(ds.splits)}); add "
+                    f"one, or give it only tasks that evaluate alone (zeroshot, text-retrieval, clustering), "
+                    f"e.g. {example}")
 
 
 def _with_preset(raw: dict[str, Any], problems: _Problems) -> tuple[Any, bool]:
@@ -280,6 +314,7 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> BattleConfig:
         for t in ds.tasks or ():
             if t not in tasks:
                 problems.append(f"datasets.{ds.name}.tasks names {t!r}, which has no [tasks.{t}] table")
+        _check_eval_only(ds, tasks, problems)
     for key, check in TOP.items():
         if key in raw:
             problems.check(key, raw[key], check)
