@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("extract", "probe", "knn", "ood", "scale", "latency")
+BENCHES = ("extract", "probe", "knn", "ood", "scale", "latency", "report")
 HEADLINE = ("speedup", "ratio", "efficiency", "images_per_s", "_s", "acc", "agreement", "auroc", "mem")
 
 
