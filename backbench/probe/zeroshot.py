@@ -15,7 +15,9 @@ The image embedding is the cached ``pooled`` feature: for ``open_clip:`` backbon
 ``encode_image`` (the image tower's output after its projection), for ``hf:`` CLIP
 ``get_image_features`` (after ``visual_projection``), for SigLIP the pooled head output, which
 is what those models' zero-shot uses. Backbones without a text tower are not applicable
-(:class:`~backbench.errors.NotApplicable`: "n/a" in a battle, never a failure).
+(:class:`~backbench.errors.NotApplicable`: "n/a" in a battle, never a failure). Images are scored
+in blocks of rows; above the memory limit the eval split is read from the cache as it goes
+(:func:`zeroshot_ranking`), with the same result.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from backbench.store.cache import Cache
 from backbench.tasks.base import Param, Record, RunOptions, Task, TaskRequest, is_text, list_of, logged, register
 
 TOPK = (1, 5)
+BLOCK_ROWS = 4096  # images scored at once: memory flat in the split's size, streamed or not
 
 
 def zeroshot_logits(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
@@ -40,21 +43,43 @@ def zeroshot_logits(image_embeddings: np.ndarray, class_embeddings: np.ndarray) 
     return (X / norms) @ np.asarray(class_embeddings, dtype=np.float64).T
 
 
+def zeroshot_ranking(image_embeddings: Any, class_embeddings: np.ndarray, k: int,
+                     block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """``(n_images, min(k, n_classes))``: each image's best classes, best first (ties in class
+    order, as a stable argsort of :func:`zeroshot_logits`), scored ``block_rows`` images at a
+    time; a lazy :class:`~backbench.probe.stream.GroupRows` is read from the cache as it goes."""
+    from backbench.probe.blocks import iter_blocks
+
+    C = np.asarray(class_embeddings)
+    out = np.empty((int(image_embeddings.shape[0]), min(int(k), C.shape[0])), dtype=np.int64)
+    for start, block in iter_blocks(image_embeddings, block_rows):
+        order = np.argsort(-zeroshot_logits(block, C), axis=1, kind="stable")
+        out[start:start + len(order)] = order[:, :out.shape[1]]
+    return out
+
+
 def zeroshot_metrics(logits: np.ndarray, y: np.ndarray, ks: Sequence[int] = TOPK) -> tuple[dict[str, Any],
                                                                                             dict[str, np.ndarray]]:
     """(metrics, outcomes): top-k accuracy for each k (``top{k}``, k clipped to the classes),
     ``mean_per_class_recall`` over the classes present in ``y``, ``n``; per-image outcomes
     ``correct`` (top-1) and ``predicted``."""
+    logits = np.asarray(logits)
+    return ranked_metrics(np.argsort(-logits, axis=1, kind="stable"), y, logits.shape[1], ks)
+
+
+def ranked_metrics(order: np.ndarray, y: np.ndarray, n_classes: int, ks: Sequence[int] = TOPK) -> tuple[
+        dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`zeroshot_metrics` from each image's best classes (``order``: at least the
+    ``min(max(ks), n_classes)`` best, best first)."""
     import warnings
 
     from sklearn.metrics import balanced_accuracy_score
 
-    logits, y = np.asarray(logits), np.asarray(y, dtype=np.int64)
-    order = np.argsort(-logits, axis=1, kind="stable")
+    y = np.asarray(y, dtype=np.int64)
     predicted = order[:, 0].astype(np.int64)
     metrics: dict[str, Any] = {}
     for k in ks:
-        metrics[f"top{k}"] = float((order[:, :min(int(k), logits.shape[1])] == y[:, None]).any(axis=1).mean())
+        metrics[f"top{k}"] = float((order[:, :min(int(k), n_classes)] == y[:, None]).any(axis=1).mean())
     with warnings.catch_warnings():  # predictions of classes absent from y are expected, not news
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         metrics["mean_per_class_recall"] = float(balanced_accuracy_score(y, predicted))
@@ -83,12 +108,13 @@ def logs_not_applicable(run: Callable[..., list[tuple[Record, bool]]]) -> Callab
 def _classes(cache: Cache, request: TaskRequest, options: RunOptions):
     """The eval split (the image embeddings) of a zero-shot request, checked to be readable."""
     from backbench.probe.data import load_split
+    from backbench.probe.stream import resolve_memory_limit
 
     if not request.features.pooled:
         raise NotApplicable(f"zero-shot reads the image embedding (the pooled features), not "
                             f"{request.features.spec!r}")
     ev = load_split(cache, request.backbone, request.dataset, request.splits["eval"],
-                    complete_only=options.complete_only, memory_limit=1 << 62)
+                    complete_only=options.complete_only, memory_limit=resolve_memory_limit(options.memory_limit))
     if ev.group.attrs.get("multilabel"):
         raise ProbeInputError(f"{ev.label} is multi-label; zero-shot classification needs one label per image")
     return ev
@@ -123,7 +149,8 @@ def _zeroshot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
     record = request.record({ev.name: ev.key, "text": text.key}, params=params)
 
     def compute() -> Record:
-        metrics, outcomes = zeroshot_metrics(zeroshot_logits(ev.X, text.X), ev.y)
+        order = zeroshot_ranking(ev.X, text.X, max(TOPK))  # streamed when ev.X is read from the cache
+        metrics, outcomes = ranked_metrics(order, ev.y, len(classes))
         return {"metrics": {**metrics, "classes": classes}, "text_group": text.attrs.get("split"),
                 "outcomes": outcomes}
 
