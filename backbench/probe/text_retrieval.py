@@ -77,7 +77,9 @@ def text_retrieval_metrics(images: np.ndarray, texts: np.ndarray, text_image: np
 
 
 def is_captioned(spec: str) -> bool:
-    return spec.startswith("captions:") or (spec.startswith("csv:") and "?caption=" in spec)
+    """Whether a group's source has captions: a captions file, a CSV with caption columns, or the
+    built-in ``shapes`` (each image described by :func:`~backbench.extract.datasets.shapes.shapes_caption`)."""
+    return spec.startswith(("captions:", "shapes:")) or (spec.startswith("csv:") and "?caption=" in spec)
 
 
 def _captions(group, ids: list[str]) -> tuple[list[str], np.ndarray]:
