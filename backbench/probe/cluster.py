@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from backbench.errors import ProbeInputError
+from backbench.probe import resample
 from backbench.probe.blocks import iter_blocks, l2_normalize
+from backbench.probe.resample import compact
 from backbench.store.cache import Cache
 from backbench.tasks.base import POS_INT, Param, Record, RunOptions, Task, TaskRequest, logged, register
 
@@ -144,7 +146,7 @@ def _cluster(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tu
         return {"metrics": {**result.metrics, "n_clusters": result.n_clusters, "n": len(ev.y)},
                 "per_seed": result.per_seed, "train_sizes": result.train_sizes,
                 "streamed": not isinstance(ev.X, np.ndarray),
-                "outcomes": {"assignments": result.assignments}}
+                "outcomes": {"assignments": result.assignments, "labels": compact(ev.y)}}
 
     return [logged(cache, request, record, compute, options)]
 
@@ -153,5 +155,5 @@ CLUSTERING = register(Task(
     "clustering", _cluster,
     {"seeds": Param(3, *POS_INT), "niter": Param(25, *POS_INT), "points_per_centroid": Param(POINTS_PER_CENTROID,
                                                                                               *POS_INT)},
-    roles=("eval",), metric="nmi", cli="cluster",
+    roles=("eval",), metric="nmi", cli="cluster", resample=resample.clustering,
     help="k-means (k = classes, faiss, spherical, several seeds) on cached features: NMI, ARI, V-measure."))

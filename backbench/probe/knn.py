@@ -59,8 +59,8 @@ def class_votes(weights: np.ndarray, labels: np.ndarray, n_classes: int) -> np.n
     return np.bincount(flat, weights=weights.ravel(), minlength=n * n_classes).reshape(n, n_classes)
 
 
-def _topk_hits(votes: np.ndarray, y: np.ndarray) -> tuple[int, int]:
-    """Counts of rows whose label ranks first / within the first five by votes.
+def _topk_rows(votes: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: does its label rank first / within the first five by votes?
 
     Ties rank the smaller class code first (as ``argmax`` does); a class with no vote at all
     never counts as a hit.
@@ -68,7 +68,13 @@ def _topk_hits(votes: np.ndarray, y: np.ndarray) -> tuple[int, int]:
     true = votes[np.arange(len(y)), y][:, None]
     ahead = (votes > true).sum(1) + ((votes == true) & (np.arange(votes.shape[1]) < y[:, None])).sum(1)
     voted = true[:, 0] > 0
-    return int(((ahead == 0) & voted).sum()), int(((ahead < 5) & voted).sum())
+    return (ahead == 0) & voted, (ahead < 5) & voted
+
+
+def _topk_hits(votes: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+    """Counts of rows whose label ranks first / within the first five (:func:`_topk_rows`)."""
+    top1, top5 = _topk_rows(votes, y)
+    return int(top1.sum()), int(top5.sum())
 
 
 # --------------------------------------------------------------------------- estimator
@@ -195,7 +201,8 @@ def knn_eval(
     *,
     batch_size: int = 4096,
     search: str = "auto",
-) -> dict:
+    outcomes_at: int | None = None,
+) -> dict | tuple[dict, dict[str, np.ndarray]]:
     """Top-1 and top-5 accuracy of DINO's weighted kNN vote for every k, from one search.
 
     Each eval chunk is searched once at max(ks); every k votes with the first k of those
@@ -203,7 +210,9 @@ def knn_eval(
     ``run_knn``, which records and prints results, clips the ks first so that every key names
     the k actually used); ``search`` as in ``KNNClassifier``.
     Returns ``{"top1@{k}": acc, "top5@{k}": acc, ..., "n_train", "n_eval", "n_classes"}`` with
-    accuracies in [0, 1].
+    accuracies in [0, 1]; with ``outcomes_at`` (one of ``ks``), also the per-query outcomes at
+    that k: ``(metrics, {"correct": bool, "predicted": class code})``, ``correct`` averaging to
+    its ``top1``.
     """
     train_X, eval_X = check_features(train_X, "train_X"), check_features(eval_X, "eval_X")
     if train_X.shape[1] != eval_X.shape[1]:
@@ -219,6 +228,8 @@ def knn_eval(
     streamed = isinstance(train_X, GroupRows)  # bigger than memory: one pass per query batch
     index = None if streamed else knn_index(train_X, device=device, search=search, batch_size=batch_size)
     hits = {k: np.zeros(2, dtype=np.int64) for k in ks}
+    n_eval = eval_X.shape[0]
+    correct, predicted = np.zeros(n_eval, dtype=bool), np.zeros(n_eval, dtype=np.int64)
     for rows, q in iter_normalized(eval_X, STREAM_QUERIES if streamed else batch_size):
         if streamed:
             sims, idx = streamed_search(train_X, q, min(ks[-1], n_train), device=device)
@@ -227,10 +238,17 @@ def knn_eval(
         w, lab = vote_weights(sims, temperature), train_lab[idx]
         for k in ks:
             kk = min(k, n_train)
-            hits[k] += _topk_hits(class_votes(w[:, :kk], lab[:, :kk], n_cls), eval_lab[rows])
-    n_eval = eval_X.shape[0]
+            votes = class_votes(w[:, :kk], lab[:, :kk], n_cls)
+            top1, top5 = _topk_rows(votes, eval_lab[rows])
+            hits[k] += (int(top1.sum()), int(top5.sum()))
+            if k == outcomes_at:
+                correct[rows], predicted[rows] = top1, votes.argmax(axis=1)
     out: dict[str, Any] = {}
     for k in ks:
         out[f"top1@{k}"], out[f"top5@{k}"] = (float(h) / n_eval for h in hits[k])
     out.update(n_train=int(n_train), n_eval=int(n_eval), n_classes=n_cls)
-    return out
+    if outcomes_at is None:
+        return out
+    if int(outcomes_at) not in ks:
+        raise ProbeInputError(f"outcomes_at={outcomes_at} must be one of ks {ks}")
+    return out, {"correct": correct, "predicted": predicted}

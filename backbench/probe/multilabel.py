@@ -6,7 +6,8 @@ here they become a 0/1 matrix, every label gets its own binary :class:`LinearPro
 ``C`` shared by all labels is chosen by the mean AUROC on val (else a seeded 10 % holdout of
 train), and the refit on train (+ val) is scored with scikit-learn's ``roc_auc_score`` and
 ``average_precision_score`` per label. A label without both classes where it is fitted or
-scored is left out, and the record says which.
+scored is left out, and the record says which. The record keeps the eval ``scores`` (n, labels;
+float64, as scored: nan for a label without a probe) and ``targets`` (bool) as outcome arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backbench.errors import ProbeInputError
+from backbench.probe import resample
 from backbench.tasks.base import (CS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, logged, register,
                                   run_task)
 
@@ -77,7 +79,7 @@ def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[
 
     from backbench.probe.grid import default_Cs
     from backbench.probe.tasks import read_splits
-    
+
     Cs = [float(c) for c in (request.params.get("C") or default_Cs())]
     tr, ev, vl = read_splits(cache, request, options, multilabel=True)
     names, K = tr.classes, len(tr.classes)
@@ -92,7 +94,10 @@ def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[
         scores = _scores(models, np.asarray(ev.X[:]))
         mean, per = mean_auroc(Ye, scores)
         ap = {k: float(average_precision_score(Ye[:, k], s)) for k, s in scores.items() if _both(Ye[:, k])}
-        return {"chosen_C": sweep["best_C"], "sweep": sweep,
+        table = np.full(Ye.shape, np.nan)  # a label without a fitted probe keeps nan scores
+        for k, s in scores.items():
+            table[:, k] = s
+        return {"outcomes": {"scores": table, "targets": Ye.astype(bool)},"chosen_C": sweep["best_C"], "sweep": sweep,
                 "metrics": {"mean_auroc": mean, "auroc": {names[k]: v for k, v in per.items()},
                             "mean_ap": float(np.mean(list(ap.values()))) if ap else float("nan"),
                             "labels_scored": [names[k] for k in per], "n_labels": K,
@@ -102,7 +107,8 @@ def _multilabel_probe(cache, request: TaskRequest, options: RunOptions) -> list[
 
 
 MULTILABEL = register(Task("probe-multilabel", _multilabel_probe, {"C": Param(None, *CS)}, optional_roles=("val",),
-                           metric="mean_auroc", cli="probe", help="One-vs-rest linear probe of a multi-label dataset (mean AUROC)."))
+                           metric="mean_auroc", cli="probe", resample=resample.multilabel,
+                           help="One-vs-rest linear probe of a multi-label dataset (mean AUROC)."))
 
 
 def run_multilabel_probe(cache, backbone: str, dataset: str, train: str, eval: str, *, val: str | None = None,

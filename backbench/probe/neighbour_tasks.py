@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from backbench.probe import resample
 from backbench.probe.data import Split, check_same_backbone, load_split
+from backbench.probe.resample import compact
 from backbench.probe.tasks import read_splits
 from backbench.store.cache import Cache
 from backbench.tasks.base import (INTS, NUMBER, POS_INT, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest,
@@ -23,10 +25,12 @@ def _knn_metrics(train_X, train_y, ev: Split, ks: Sequence[int], temperature: fl
 
     n = int(train_X.shape[0])
     used = sorted({min(int(k), n) for k in ks})  # a k beyond the gallery is reported as the k used
-    m = knn_eval(train_X, train_y, ev.X, ev.y, ks=used, temperature=temperature, n_classes=n_classes, device=device)
     main = min(MAIN_K if MAIN_K in ks else min(ks), n)
+    m, outcomes = knn_eval(train_X, train_y, ev.X, ev.y, ks=used, temperature=temperature, n_classes=n_classes,
+                           device=device, outcomes_at=main)
     metrics = {**m, "top1": m[f"top1@{main}"], "top5": m.get(f"top5@{main}"), "main_k": main}
-    return {"metrics": metrics, "ks_used": used, "k_clipped": {str(k): n for k in ks if k > n}}
+    return {"metrics": metrics, "ks_used": used, "k_clipped": {str(k): n for k in ks if k > n},
+            "outcomes": {"correct": outcomes["correct"], "predicted": compact(outcomes["predicted"])}}
 
 
 def _knn(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
@@ -62,7 +66,8 @@ def _knn(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[
 
 def _retrieval(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
     """Same-label retrieval: queries from ``eval``, the gallery from ``train``; a query never
-    retrieves itself when both are one split."""
+    retrieves itself when both are one split. Outcomes: per query with a relevant item, its
+    ``ap`` (flat index; the mean is mAP), ``ap_topk``, ``first_hit`` rank and ``query`` row."""
     from backbench.probe.retrieval import build_index, retrieval_metrics
     from backbench.probe.stream import resolve_memory_limit
 
@@ -83,21 +88,24 @@ def _retrieval(cache: Cache, request: TaskRequest, options: RunOptions) -> list[
     def compute() -> Record:
         # a gallery bigger than memory is read chunk by chunk into the faiss index (skipped rows dropped)
         gallery_X: Any = build_index(g.X, index=index, device=options.device) if stream else g.X
-        return {"metrics": retrieval_metrics(q.X, q.y, gallery_X, g.y, ks=ks, exclude_self=same, index=index,
-                                             device=options.device)}
+        metrics, outcomes = retrieval_metrics(q.X, q.y, gallery_X, g.y, ks=ks, exclude_self=same, index=index,
+                                              device=options.device, outcomes=True)
+        return {"metrics": metrics, "outcomes": outcomes}
 
     return [logged(cache, request, record, compute, options)]
 
 
 _K = {"k": Param([10, 20, 100, 200], *INTS), "temperature": Param(0.07, *NUMBER)}
-KNN = register(Task("knn", _knn, _K, metric="top1", cli="knn",
+KNN = register(Task("knn", _knn, _K, metric="top1", cli="knn", resample=resample.classification,
                     help="Weighted kNN classification (DINO's vote, cosine similarity, faiss) on cached features."))
 KNN_FEWSHOT = register(Task("knn-fewshot", _knn, {**_K, "shots": Param([1, 2, 4, 8, 16], *INTS),
                                                   "seeds": Param(3, *POS_INT)}, metric="top1", cli="knn",
+                            resample=resample.classification,
                             help="kNN with K train images per class, per seed."))
 RETRIEVAL = register(Task("retrieval", _retrieval, {"ks": Param([1, 5, 10], *INTS),
                                                     "index": Param("flat", *one_of("flat", "ivf", "hnsw"))},
-                          metric="mAP", cli="retrieve", help="Image retrieval (relevant = same label): mAP, P@k, R@k, MRR."))
+                          metric="mAP", cli="retrieve", resample=resample.retrieval,
+                          help="Image retrieval (relevant = same label): mAP, P@k, R@k, MRR."))
 
 
 def run_knn(cache: Cache, backbone: str, dataset: str, train: str, eval: str, *, ks: Sequence[int] = (10, 20, 100, 200),

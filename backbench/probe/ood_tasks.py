@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from backbench.errors import ProbeInputError
+from backbench.probe import resample
 from backbench.probe.data import Split, check_same_backbone, load_split
+from backbench.probe.resample import compact
 from backbench.probe.tasks import read_splits
 from backbench.store.cache import Cache
 from backbench.tasks.base import (NAMES, REFS, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest, logged,
@@ -71,6 +73,14 @@ def _metrics(per_score: dict[str, dict[str, np.ndarray]], id_key: str) -> dict[s
     return result
 
 
+def _primary_outcomes(scored: dict[str, np.ndarray], id_key: str) -> dict[str, np.ndarray]:
+    """The primary score's per-image outcomes: ``scores`` of ID then each OOD set (in ``scored``'s
+    order) concatenated, and ``set`` (0 = ID, j = the j-th OOD set)."""
+    names = [id_key, *(k for k in scored if k != id_key)]
+    return {"scores": np.concatenate([np.asarray(scored[k], dtype=np.float64) for k in names]),
+            "set": np.concatenate([np.full(len(scored[k]), j, dtype=np.int16) for j, k in enumerate(names)])}
+
+
 def _own_logit_scores(sets: dict[str, Split]) -> dict[str, dict[str, np.ndarray]]:
     from backbench.probe.ood import logit_scores
 
@@ -113,7 +123,8 @@ def _detect(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[Re
         per_score.update(_own_logit_scores(sets))
         metrics = _metrics(per_score, "id")
         primary = PRIMARY if PRIMARY in metrics else scores[0]
-        return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"]}}
+        return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"]},
+                "outcome_sets": list(outs), "outcomes": _primary_outcomes(per_score[primary], "id")}
 
     return logged(cache, request, record, compute, options)
 
@@ -134,16 +145,19 @@ def _open_set(cache: Cache, request: TaskRequest, options: RunOptions) -> tuple[
         keep_tr, id_te = ~np.isin(tr.y, held), ~np.isin(te.y, held)
         train_split = Split(tr.X[keep_tr], tr.y[keep_tr], tr.classes, tr.group, tr.name)
         sets = {"id": te.X[id_te], "held-out": te.X[~id_te]}
-        metrics = _metrics(_score_sets(scores, train_split, sets, options.device), "id")
+        per_score = _score_sets(scores, train_split, sets, options.device)
+        metrics = _metrics(per_score, "id")
         primary = PRIMARY if PRIMARY in metrics else scores[0]
         return {"metrics": {"scores": metrics, "primary": primary, "auroc": metrics[primary]["mean"]["auroc"],
-                            "n_id": int(id_te.sum()), "n_ood": int((~id_te).sum())}}
+                            "n_id": int(id_te.sum()), "n_ood": int((~id_te).sum())},
+                "outcome_sets": ["held-out"], "outcomes": _primary_outcomes(per_score[primary], "id")}
 
     return logged(cache, request, record, compute, options)
 
 
-def _subset_accuracy(probe, split: Split, train_classes: list[str]) -> dict[str, Any]:
-    """Accuracy on a shifted split whose classes are matched to the train classes by name."""
+def _subset_accuracy(probe, split: Split, train_classes: list[str]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Accuracy on a shifted split whose classes are matched to the train classes by name:
+    (summary, per-image ``correct``, per-image predicted train class)."""
     unknown = [c for c in split.classes if c not in train_classes]
     if unknown:
         raise ProbeInputError(f"{split.label} has classes the train split lacks: {unknown[:5]}")
@@ -154,8 +168,9 @@ def _subset_accuracy(probe, split: Split, train_classes: list[str]) -> dict[str,
     sub = logits[:, [order.index(c) for c in cols]]
     pred = np.asarray(cols)[sub.argmax(1)]
     target = np.asarray([mapping[split.classes[i]] for i in split.y])
-    return {"top1": float((pred == target).mean()), "n": int(len(target)), "classes": len(cols),
-            "mapping": mapping if len(mapping) < len(train_classes) else "identity (all classes)"}
+    correct = pred == target
+    return ({"top1": float(correct.mean()), "n": int(len(target)), "classes": len(cols),
+             "mapping": mapping if len(mapping) < len(train_classes) else "identity (all classes)"}, correct, pred)
 
 
 def _shift(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tuple[Record, bool]]:
@@ -183,13 +198,19 @@ def _shift(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tupl
 
     def compute() -> Record:
         probe, sweep = select_and_fit(tr.X, tr.y, device=options.device)
-        id_acc = _subset_accuracy(probe, ev, tr.classes)["top1"]
-        per = {k: _subset_accuracy(probe, s, tr.classes) for k, s in sh.items()}
+        id_acc = _subset_accuracy(probe, ev, tr.classes)[0]["top1"]
+        done = {k: _subset_accuracy(probe, s, tr.classes) for k, s in sh.items()}
+        per = {k: v[0] for k, v in done.items()}
         for v in per.values():
             v["gap"] = id_acc - v["top1"]
         mean = float(np.mean([v["top1"] for v in per.values()])) if per else float("nan")
+        parts = list(done.values())
+        outcomes = {"correct": np.concatenate([c for _, c, _ in parts]),
+                    "predicted": compact(np.concatenate([p for _, _, p in parts])),
+                    "set": np.concatenate([np.full(len(c), j, dtype=np.int16) for j, (_, c, _) in enumerate(parts)])}
         return {"chosen_C": sweep.best_C, "metrics": {"id_top1": id_acc, "shifted": per, "shifted_top1": mean,
-                                                      "gap": id_acc - mean}}
+                                                      "gap": id_acc - mean},
+                "outcome_sets": list(done), "outcomes": outcomes}
 
     return [logged(cache, request, record, compute, options)]
 
@@ -197,9 +218,10 @@ def _shift(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tupl
 OOD = register(Task("ood", _ood, {"ood": Param(None, *REFS, refs=True), "open_set": Param(None, *NAMES),
                                   "scores": Param(None, *SCORE_NAMES)},
                     needs=("ood", "open_set"), metric="auroc", records={"open-set": "auroc"}, cli="ood",
+                    resample=resample.ood,
                     help="OOD detection: AUROC, AUPR-In/Out, FPR@95 of each score, ID test vs each OOD set."))
 SHIFT = register(Task("shift", _shift, {"shifted": Param(None, *REFS, refs=True)}, needs=("shifted",),
-                      metric="shifted_top1", cli="shift",
+                      metric="shifted_top1", cli="shift", resample=resample.shift,
                       help="OOD generalization: fit the probe once, report ID and shifted accuracy and the gap."))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from backbench.errors import ProbeInputError
 from backbench.probe.knn import check_features, flat_index, import_faiss, iter_normalized, to_device
+from backbench.probe.resample import compact
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _EXACT_CELLS = 1 << 23  # similarities per exact-ranking chunk (32 MB as float32)
@@ -147,18 +148,37 @@ def _drop_self(idx: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
     return idx[keep].reshape(len(idx), idx.shape[1] - 1)
 
 
-def _ranked_sums(rel: np.ndarray, n_rel: np.ndarray, ks: Sequence[int], K: int, full: bool) -> dict[str, float]:
-    """Sums over queries of each metric, from boolean relevance rows in rank order."""
-    n, width = rel.shape
-    hits = rel.cumsum(axis=1, dtype=np.int32)
+def _per_query(rel: np.ndarray, hits: np.ndarray, n_rel: np.ndarray, K: int, full: bool) -> dict[str, np.ndarray]:
+    """Per query, from boolean relevance rows in rank order (``hits``: their cumulative sums):
+    ``ap_topk`` (AP over the top K, normalized by min(relevant, K)), ``ap`` (over the full
+    ranking; ``full`` only) and ``first_hit`` (0-based rank of the first relevant item, -1 if
+    none is ranked)."""
+    n = rel.shape[0]
     r, c = np.nonzero(rel)
     prec = hits[r, c] / (c + 1.0)  # precision at each relevant item's rank
     top = c < K
-    out = {f"mAP@{K}": float((np.bincount(r[top], prec[top], n) / np.minimum(n_rel, K)).sum())}
+    out = {"ap_topk": np.bincount(r[top], prec[top], n) / np.minimum(n_rel, K)}
     if full:
-        out["mAP"] = float((np.bincount(r, prec, n) / n_rel).sum())
-    found = hits[:, -1] > 0
-    out["MRR" if full else f"MRR@{K}"] = float((1.0 / (rel.argmax(axis=1)[found] + 1)).sum())
+        out["ap"] = np.bincount(r, prec, n) / n_rel
+    out["first_hit"] = np.where(hits[:, -1] > 0, rel.argmax(axis=1), -1)
+    return out
+
+
+def _ranked_sums(rel: np.ndarray, n_rel: np.ndarray, ks: Sequence[int], K: int, full: bool,
+                 per: dict[str, list[np.ndarray]] | None = None) -> dict[str, float]:
+    """Sums over queries of each metric, from boolean relevance rows in rank order; the
+    per-query values (:func:`_per_query`) are appended to ``per`` when given."""
+    width = rel.shape[1]
+    hits = rel.cumsum(axis=1, dtype=np.int32)
+    q = _per_query(rel, hits, n_rel, K, full)
+    if per is not None:
+        for key, value in q.items():
+            per.setdefault(key, []).append(value)
+    out = {f"mAP@{K}": float(q["ap_topk"].sum())}
+    if full:
+        out["mAP"] = float(q["ap"].sum())
+    found = q["first_hit"] >= 0
+    out["MRR" if full else f"MRR@{K}"] = float((1.0 / (q["first_hit"][found] + 1)).sum())
     for k in ks:
         at_k = hits[:, min(k, width) - 1]
         out[f"precision@{k}"] = float(at_k.sum() / k)
@@ -173,7 +193,7 @@ def _accumulate(total: dict[str, float], part: dict[str, float]) -> None:
 
 def _exact_sums(queries: Iterator[tuple[slice, np.ndarray]], gallery: np.ndarray, q_lab: np.ndarray,
                 g_lab: np.ndarray, n_rel: np.ndarray, ks: Sequence[int], K: int, exclude_self: bool,
-                device: str) -> dict[str, float]:
+                device: str, per: dict[str, list[np.ndarray]] | None = None) -> dict[str, float]:
     """Metric sums over queries that have a relevant item, ranking the whole gallery."""
     import torch
 
@@ -190,7 +210,7 @@ def _exact_sums(queries: Iterator[tuple[slice, np.ndarray]], gallery: np.ndarray
         if exclude_self:
             rel = rel[:, :-1]
         ok = n_rel[rows] > 0
-        _accumulate(total, _ranked_sums(rel[ok], n_rel[rows][ok], ks, K, full=True))
+        _accumulate(total, _ranked_sums(rel[ok], n_rel[rows][ok], ks, K, full=True, per=per))
     return total
 
 
@@ -201,7 +221,8 @@ def _overlap(approx: np.ndarray, exact: np.ndarray) -> int:
 
 def _approx_sums(index: Any, kind: str, params: Any, queries: Iterator[tuple[slice, np.ndarray]],
                  q_lab: np.ndarray, g_lab: np.ndarray, n_rel: np.ndarray, ks: Sequence[int], K: int,
-                 exclude_self: bool, sample: np.ndarray) -> tuple[dict[str, float], int]:
+                 exclude_self: bool, sample: np.ndarray,
+                 per: dict[str, list[np.ndarray]] | None = None) -> tuple[dict[str, float], int]:
     """Metric sums over the top ``K`` of an approximate index, and its overlap with the exact
     top ``K`` on the ``sample`` query rows."""
     exact_index, exact_params = _exact_searcher(index, kind)
@@ -218,7 +239,7 @@ def _approx_sums(index: Any, kind: str, params: Any, queries: Iterator[tuple[sli
             overlap += _overlap(idx[picked], _drop_self(ref, ids[picked]) if exclude_self else ref)
         rel = (idx >= 0) & (g_lab[np.maximum(idx, 0)] == q_lab[rows][:, None])
         ok = n_rel[rows] > 0
-        _accumulate(total, _ranked_sums(rel[ok], n_rel[rows][ok], ks, K, full=False))
+        _accumulate(total, _ranked_sums(rel[ok], n_rel[rows][ok], ks, K, full=False, per=per))
     return total, overlap
 
 
@@ -254,7 +275,8 @@ def retrieval_metrics(
     ef_search: int | None = None,
     recall_queries: int = 1000,
     device: str = "cpu",
-) -> dict:
+    outcomes: bool = False,
+) -> dict | tuple[dict, dict[str, np.ndarray]]:
     """Retrieval quality of cosine similarity, an item being relevant when its label matches.
 
     ``gallery_X`` is a 2-D array, or a faiss index from :func:`build_index` (its kind then
@@ -267,6 +289,11 @@ def retrieval_metrics(
     ``mAP`` and ``MRR`` over the full ranking; ivf / hnsw add ``MRR@{K}`` instead. Also
     ``n_queries``, ``n_queries_no_relevant``, ``index``. ``nprobe`` (ivf, default 16) and
     ``ef_search`` (hnsw, default 128) trade speed for recall.
+
+    With ``outcomes``, returns ``(metrics, per-query arrays)`` over the queries averaged
+    (those with a relevant item, in query order): ``query`` (their rows), ``ap`` (flat: its
+    mean is ``mAP``), ``ap_topk`` (its mean is ``mAP@{K}``) and ``first_hit`` (0-based rank of
+    the first relevant item, -1 if none is retrieved).
     """
     faiss = import_faiss()
     query_X = check_features(query_X, "query_X")
@@ -280,17 +307,22 @@ def retrieval_metrics(
         raise ProbeInputError(f"queries have {query_X.shape[1]} features, the gallery {built.d}")
     q_lab, g_lab, n_rel = _relevance(query_y, gallery_y, n_q, n_gal, exclude_self)
     n_valid, K = int((n_rel > 0).sum()), min(max(int(topk), ks[-1]), n_gal - int(exclude_self))
+    per: dict[str, list[np.ndarray]] | None = {} if outcomes else None
     if kind == "flat":
         bs = batch_size or max(1, _EXACT_CELLS // n_gal)
         sums = _exact_sums(iter_normalized(query_X, bs), _flat_vectors(built), q_lab, g_lab, n_rel,
-                           ks, K, exclude_self, device)
+                           ks, K, exclude_self, device, per)
         recall = 1.0
     else:
         sample = np.unique(np.linspace(0, n_q - 1, min(n_q, max(1, int(recall_queries)))).astype(np.int64))
         params = _search_params(built, kind, nprobe, ef_search)
         sums, overlap = _approx_sums(built, kind, params, iter_normalized(query_X, batch_size or 4096),
-                                     q_lab, g_lab, n_rel, ks, K, exclude_self, sample)
+                                     q_lab, g_lab, n_rel, ks, K, exclude_self, sample, per)
         recall = overlap / (len(sample) * K)
     out: dict[str, Any] = {key: value / n_valid for key, value in sums.items()}
     out.update(recall_vs_exact=float(recall), n_queries=n_valid, n_queries_no_relevant=n_q - n_valid, index=kind)
-    return out
+    if per is None:
+        return out
+    arrays = {key: np.concatenate(parts) for key, parts in per.items()}
+    arrays["first_hit"] = compact(arrays["first_hit"])
+    return out, {"query": compact(np.flatnonzero(n_rel > 0)), **arrays}

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backbench.errors import ProbeInputError
+from backbench.probe import resample
 from backbench.probe.data import Split, check_same_backbone, check_same_classes, load_split
 from backbench.store.cache import Cache
 from backbench.tasks.base import (CS, INTS, POS_INT, FeatureSpec, Param, Record, RunOptions, Task, TaskRequest,
@@ -56,11 +57,15 @@ def read_splits(cache: Cache, request: TaskRequest, options: RunOptions, roles: 
 
 
 def _evaluate(model, split: Split) -> dict[str, Any]:
+    """The metrics of ``model`` on ``split`` and its per-image outcomes: ``correct`` (top-1 is
+    its mean) and ``predicted`` (the argmax the metrics use)."""
     from backbench.probe.metrics import classification_metrics
 
     proba = np.zeros((len(split.y), len(split.classes)), dtype=np.float64)
     proba[:, model.classes_.astype(int)] = model.predict_proba(split.X)
-    return classification_metrics(split.y, proba, labels=np.arange(len(split.classes)))
+    predicted = proba.argmax(1)
+    return {"metrics": classification_metrics(split.y, proba, labels=np.arange(len(split.classes))),
+            "outcomes": {"correct": predicted == np.asarray(split.y), "predicted": resample.compact(predicted)}}
 
 
 def _fit(tr_X, tr_y, Cs, val: Split | None, seed: int, device: str):
@@ -95,7 +100,7 @@ def _probe(cache: Cache, request: TaskRequest, options: RunOptions) -> list[tupl
 
     def compute() -> Record:
         model, sweep = _fit(tr.X, tr.y, Cs, vl, 0, options.device)
-        return {"chosen_C": sweep.best_C, "sweep": sweep.to_dict(), "metrics": _evaluate(model, ev),
+        return {"chosen_C": sweep.best_C, "sweep": sweep.to_dict(), **_evaluate(model, ev),
                 "standardization": {"mean_norm": float(np.linalg.norm(model.mean_)),
                                     "scale_mean": float(np.mean(model.scale_))}}
 
@@ -116,17 +121,19 @@ def _few_shot(cache: Cache, request: TaskRequest, options: RunOptions) -> list[t
             def compute(k: int = int(k), seed: int = seed) -> Record:
                 idx = few_shot_indices(tr.y, k, seed, class_names=tr.classes)
                 model, sweep = _fit(tr.X[idx], tr.y[idx], Cs, vl, seed, options.device)
-                return {"chosen_C": sweep.best_C, "train_rows": idx.tolist(), "metrics": _evaluate(model, ev)}
+                return {"chosen_C": sweep.best_C, "train_rows": idx.tolist(), **_evaluate(model, ev)}
 
             out.append(logged(cache, request, record, compute, options))
     return out
 
 
 PROBE = register(Task("probe", _probe, {"C": Param(None, *CS)}, optional_roles=("val",), metric="top1", cli="probe",
+                      resample=resample.classification,
                       help="Linear probe (L2 logistic regression, C swept) on cached features."))
 FEWSHOT = register(Task("fewshot", _few_shot, {"shots": Param([1, 2, 4, 8, 16], *INTS), "seeds": Param(3, *POS_INT),
                                                "C": Param(None, *CS)},
                         optional_roles=("val",), metric="top1", cli="probe",
+                        resample=resample.classification,
                         help="Few-shot linear probe: K train images per class, per seed."))
 
 

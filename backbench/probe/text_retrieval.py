@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backbench.errors import NotApplicable, ProbeInputError
+from backbench.probe import resample
 from backbench.probe.zeroshot import logs_not_applicable
 from backbench.store.cache import Cache
 from backbench.tasks.base import INTS, Param, Record, RunOptions, Task, TaskRequest, logged, register
@@ -143,6 +144,6 @@ def _text_retrieval(cache: Cache, request: TaskRequest, options: RunOptions) -> 
 
 TEXT_RETRIEVAL = register(Task(
     "text-retrieval", logs_not_applicable(_text_retrieval), {"ks": Param([1, 5, 10], *INTS)}, roles=("eval",), metric="mean_recall",
-    cli="retrieve",
+    cli="retrieve", resample=resample.text_retrieval,
     help="Image-text retrieval with the backbone's text tower on a captioned split: image->text and "
          "text->image recall@k (CLIP_benchmark's)."))

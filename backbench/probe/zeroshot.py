@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from backbench.errors import NotApplicable, ProbeInputError
+from backbench.probe import resample as _resample
 from backbench.store.cache import Cache
 from backbench.tasks.base import Param, Record, RunOptions, Task, TaskRequest, is_text, list_of, logged, register
 
@@ -174,6 +175,6 @@ ZEROSHOT = register(Task(
                         lambda v: v if isinstance(v, str) else list(v)),
      "classnames": Param(None, list_of(is_text), 'a list of readable class names, one per class of the eval split '
                                                  'in its order, e.g. ["tench", "goldfish"]', list)},
-    roles=("eval",), metric="top1", cli="zeroshot",
+    roles=("eval",), metric="top1", cli="zeroshot", resample=_resample.classification,
     help="Zero-shot classification with the backbone's text tower (CLIP's prompts): top-1, top-5, "
          "mean per-class recall."))
