@@ -51,6 +51,57 @@ def test_resnet18_matches_timms_published_gmacs():
     assert flops.forward_gflops(bb) == pytest.approx(2 * 1.82, rel=0.005)
 
 
+def test_a_vision_transformer_counts_as_by_hand():
+    # open_clip's ViT-S-32 image tower at 224 px: 49 patches + the class token, width 384, 12 blocks
+    # (MLP 4x), projected to 384; multiply-adds counted by hand, times 2
+    T, D, L = 50, 384, 12
+    patches = 49 * (3 * 32 * 32) * D
+    block = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * 4 * D  # qkv, QK^T and AV, out, MLP
+    macs = patches + L * block + D * 384
+    assert flops.forward_gflops(load_backbone("open_clip:ViT-S-32@random")) == pytest.approx(2 * macs / 1e9, rel=1e-12)
+
+
+def test_a_hugging_face_clip_image_tower_counts_as_by_hand(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64),
+                     text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=100, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    T, D = 17, 32  # 16 patches of 8x8 + the class token
+    block = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * 64
+    macs = 16 * (3 * 8 * 8) * D + 2 * block + D * 16  # patches, 2 blocks, the projection of the class token
+    assert flops.forward_gflops(load_backbone(f"hf:{tmp_path / 'clip'}")) == pytest.approx(2 * macs / 1e9, rel=1e-12)
+
+
+def test_the_stable_diffusion_backbone_is_counted_alike_on_meta_and_on_the_cpu(tmp_path):
+    pytest.importorskip("diffusers")
+    import json
+
+    import test_backbones_diffusers as sd
+
+    folder = tmp_path / "tiny-sd"
+    for part, model in zip(("unet", "vae", "text_encoder"), sd._models()):
+        model.save_pretrained(folder / part)
+    sd._tokenizer(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
+    bb = load_backbone(f"diffusers:{folder}@random")  # the VAE encoder and the UNet's down and mid blocks
+    assert flops.forward_gflops(bb) == flops._cpu_flops(bb) / 1e9 > 0
+
+
+def test_torchvision_resnet18_matches_its_published_gflops():
+    # torchvision's model table: resnet18 "GFLOPS 1.81" (multiply-adds): 3.63 at 2 per multiply-add
+    assert flops.forward_gflops(load_backbone("torchvision:resnet18@random")) == pytest.approx(2 * 1.814, rel=0.002)
+
+
 def test_a_forward_the_meta_device_cannot_run_is_counted_on_the_cpu_and_none_when_nothing_runs():
     def data_dependent(m, x):  # .item() needs values: meta tensors have none
         if x.sum().item() < -1:
