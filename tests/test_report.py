@@ -17,6 +17,7 @@ import pytest
 from backbench.report.leaderboard import build, zscores
 from backbench.report.render import figures, to_csv, to_html, to_json, to_latex, to_markdown
 from backbench.report.stats import Interval
+from tests.conftest import digits_pixels, put_group
 
 
 def rec(backbone, task, dataset, value, metric="top1", created="2026-01-01", **params):
@@ -40,6 +41,27 @@ def with_intervals(lb, half: dict[tuple[str, str], float]):
         v = float(lb.values[lb.backbones.index(b), lb.columns.index(c)])
         lb.stats.cells[(b, c)] = Interval(v, v - h, v + h, n=100)
     return lb
+
+
+LONG = "timm:vit_small_patch16_224.augreg_in21k_ft_in1k@a_long_tag"
+
+
+def real_cache(path: str) -> str:
+    """A real cache: digits pixels under three backbones (noise 0, 3, 6; the first with a long
+    name), each with the linear probe, kNN, retrieval and the few-shot probe (1 and 5 shots, 2
+    seeds) run by the tasks themselves, so every record keeps its per-sample outcomes."""
+    import backbench
+
+    X, y, parts = digits_pixels()
+    for k, (name, noise) in enumerate(((LONG, 0.0), ("fake:b", 3.0), ("fake:c", 6.0))):
+        feats = X + np.random.default_rng(k).normal(0, noise, X.shape).astype(np.float32)
+        for split, rows in parts.items():
+            put_group(path, name, "digits", split, feats[rows], y[rows], backbone_info={"n_params": 1e6 * (k + 1)})
+        backbench.probe(name, "digits", train="train", eval="test", val="val", C=[0.1, 1.0], cache=path, device="cpu")
+        backbench.knn(name, "digits", train="train", eval="test", cache=path, device="cpu")
+        backbench.retrieve(name, "digits", query="test", gallery="train", cache=path, device="cpu")
+        backbench.probe(name, "digits", train="train", eval="test", shots=[1, 5], seeds=2, cache=path, device="cpu")
+    return path
 
 
 HALF = {("a", "probe:d1"): 0.021, ("b", "probe:d1"): 0.04, ("c", "probe:d1"): 0.05, ("a", "probe:d2"): 0.01,
@@ -124,7 +146,7 @@ def test_markdown_spearman_says_why_with_fewer_than_three_backbones():
     assert "needs at least 3 backbones" in md
     assert "| probe | – |" not in md and "| task |" not in md  # no grid of dashes
     full = _md_tables(to_markdown(build(RECORDS)))[-1]
-    assert full[0] == {"task": "probe", "probe": "1.00", "retrieval": "-0.50"}
+    assert full[0] == {"task": "probe", "probe": "+1.00", "retrieval": "-0.50"}
 
 
 def test_missing_and_na_cells_are_never_blank():
@@ -273,7 +295,7 @@ def test_figures_encode_svg_png_at_300_dpi_and_pdf(tmp_path):
     for p in pngs:
         with Image.open(p) as im:
             assert round(im.info["dpi"][0]) == 300
-            assert 1500 < im.size[0] < 2200  # 6.5 in at 300 dpi, trimmed to its contents
+            assert 1000 < im.size[0] <= 6.6 * 300  # at most 6.5 in at 300 dpi, trimmed to its contents
     assert all(p.read_bytes()[:5] == b"%PDF-" for p in pdfs)
 
 
@@ -334,3 +356,27 @@ def test_terminal_tables_show_plus_minus_and_rank_intervals(tmp_path, run_cli):
     code, out, err = run_cli("report", "--records", str(path))
     assert code == 0, err
     assert "± n/a" in out and "rank 95%" in out and "Friedman test" in out  # old records: n/a, not an error
+
+
+def test_a_real_cache_reports_intervals_in_every_format(cache_path, run_cli, tmp_path):
+    """Records with outcome arrays in a real cache: every cell has an interval around its value,
+    and markdown, CSV and HTML show the numbers the JSON has."""
+    real_cache(cache_path)
+    code, out, err = run_cli("report", "--cache", cache_path, "--json", "--bootstrap", "200")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["cells"]) == 12 and all(c["ci_low"] <= c["value"] <= c["ci_high"] for c in data["cells"])
+    assert all(c["n"] and c["ci_low"] < c["ci_high"] for c in data["cells"])
+    assert data["ranking"][0]["backbone"] == LONG and data["ranking"][0]["rank_low"] == 1
+    assert set(data["fewshot_bands"][LONG]) == {"1", "5"}
+    code, out, err = run_cli("report", "--cache", cache_path, "--format", "csv", "--bootstrap", "200")
+    rows = {r["backbone"]: r for r in csv.DictReader(io.StringIO(out))}
+    for c in data["cells"]:
+        col = f"{c['task']}:{c['dataset']}"
+        assert float(rows[c["backbone"]][f"{col} ci_high"]) == pytest.approx(c["ci_high"])
+    code, out, err = run_cli("report", "--cache", cache_path, "--format", "html", "--bootstrap", "200",
+                             "-o", str(tmp_path / "r.html"))
+    page = (tmp_path / "r.html").read_text()
+    probe = next(c for c in data["cells"] if c["backbone"] == "fake:b" and c["task"] == "probe")
+    assert f"{probe['value']:.3f} ± {(probe['ci_high'] - probe['ci_low']) / 2:.3f}" in page
+    assert 'id="fig-critical_difference"' in page and 'id="fig-fewshot_curves"' in page

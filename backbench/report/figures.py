@@ -9,7 +9,6 @@ cannot be drawn (too few backbones, no post-hoc tests, no cost) is listed with t
 from __future__ import annotations
 
 import io
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,8 +48,29 @@ class Figures(dict):
 
 
 def wrap(name: str, width: int = 22) -> str:
-    """A backbone name broken at its separators so a label never runs into the next panel."""
-    return "\n".join(textwrap.wrap(name.replace(":", ": ").replace("@", " @"), width)).replace(": ", ":")
+    """A long name broken after its separators (``:/@_-.``) into lines of at most ``width``
+    characters, so a label never runs into the next panel or label."""
+    import re
+
+    lines, cur = [], ""
+    for piece in re.split(r"(?<=[:/@_\-. ])", name):
+        while len(piece) > width:  # a token longer than a line: cut it
+            if cur:
+                lines.append(cur)
+                cur = ""
+            lines.append(piece[:width])
+            piece = piece[width:]
+        if cur and len(cur) + len(piece) > width:
+            lines.append(cur)
+            cur = ""
+        cur += piece
+    return "\n".join(ln.strip() for ln in [*lines, cur] if ln.strip())
+
+
+def row_height(labels: list[str]) -> float:
+    """Inches per row for labels of this many lines: rows never overlap."""
+    n = max((lb.count("\n") + 1 for lb in labels), default=1)
+    return max(0.27, 0.15 * n + 0.08)
 
 
 def style(lb: Leaderboard) -> dict[str, tuple[str, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.25em;margin-top:1.8em;border-bot
 .scroll{overflow-x:auto;max-width:100%;margin:.6em 0 1em}
 table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
 td,th{border:1px solid #d4d4d4;padding:3px 8px;text-align:right;white-space:nowrap}
-td:first-child,th:first-child{text-align:left}td.name{text-align:left}
+td:first-child,th:first-child,td.name,th.name{text-align:left}
 th{background:#f2f2f2;position:sticky;top:0}
 table.sortable th{cursor:pointer}table.sortable th:hover{background:#e4e4e4}
 tr.tied td{background:#eef6fb}
@@ -51,18 +52,25 @@ def e(text: Any) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, sortable: bool = False,
           row_class: Sequence[str] | None = None) -> str:
     """A table in its own horizontally scrolling box; a cell is text or (text, sort key)."""
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    names = [_is_name(c) and c not in (R.NA, R.MISSING) for c in (rows[0] if rows else [])]
+    head = "".join(f"<th{' class=name' if k < len(names) and names[k] else ''}>{e(h)}</th>"
+                   for k, h in enumerate(header))
     body = []
     for n, row in enumerate(rows):
         cells = []
         for c in row:
             text, key = c if isinstance(c, tuple) else (c, c)
-            cls = ' class="na"' if text in (R.NA, R.MISSING) else ' class="name"' if isinstance(key, str) else ""
+            cls = ' class="na"' if text in (R.NA, R.MISSING) else ' class="name"' if _is_name(key) else ""
             cells.append(f'<td{cls} data-v="{e("" if key is None else key)}">{e(text)}</td>')
         cls = f' class="{row_class[n]}"' if row_class and row_class[n] else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     return (f'<div class="scroll"><table{" class=sortable" if sortable else ""}><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _is_name(key: Any) -> bool:
+    """Text (a name) rather than a number: left-aligned."""
+    return isinstance(key, str) and not re.match(r"^[+\-−]?\d", key)
 
 
 def _key(v: float | None) -> float | None:
@@ -135,12 +143,22 @@ def figure_section(figs: Any) -> str:
         else:  # raw PNG bytes, as figures used to be
             fmt, data, caption = "png", f, name.replace("_", " ")
         mime = "image/svg+xml" if fmt == "svg" else "image/png"
-        out.append(f'<figure id="fig-{e(name)}"><img alt="{e(caption)}" '
+        out.append(f'<figure id="fig-{e(name)}"><img alt="{e(caption)}"{_width(data, fmt)} '
                    f'src="data:{mime};base64,{base64.b64encode(data).decode()}">'
                    f"<figcaption>{e(caption)}</figcaption></figure>")
     for name, why in getattr(figs, "skipped", {}).items():
         out.append(f'<p class="note">Not drawn: {e(name.replace("_", " "))}: {e(why)}.</p>')
     return "".join(out) or '<p class="note">no figures.</p>'
+
+
+SCALE = 1.35  # every figure drawn 1.35 x its print size: one font size on the page, and readable
+
+
+def _width(data: bytes, fmt: str) -> str:
+    """The figure's display width: its SVG width (points) scaled by :data:`SCALE`, so figures
+    trimmed to different widths keep the same font size on the page."""
+    m = re.search(rb'<svg[^>]*\swidth="([0-9.]+)pt"', data[:2000]) if fmt == "svg" else None
+    return f' style="width:{float(m.group(1)) * 4 / 3 * SCALE:.0f}px"' if m else ""
 
 
 def provenance_table(lb: Leaderboard) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from backbench.report.figures import FONT, WIDTH, score_label, wrap
+from backbench.report.figures import FONT, WIDTH, row_height, score_label, wrap
 from backbench.report.leaderboard import Leaderboard, main_metrics
 from backbench.report.render import AGGREGATE_NAMES, has_intervals, order, spearman_note
 
@@ -48,13 +48,14 @@ def aggregate(lb: Leaderboard, styles: Styles, cost: Any = None) -> Drawn:
     if not idx:
         return "no backbone has an aggregate yet"
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(WIDTH, 0.34 * len(idx) + 1.2), layout="constrained")
+    labels = [wrap(f"#{lb.rank[i]} {lb.backbones[i]}", 30) for i in idx]
+    fig, ax = plt.subplots(figsize=(WIDTH, row_height(labels) * len(idx) + 1.2), layout="constrained")
     st = lb.stats
     for y, i in enumerate(idx):
         v, lo, hi = score_of(lb, i)
         tied = st is None or lb.backbones[i] in st.tied_with_first
         _point(ax, v, y, lo, hi, styles[lb.backbones[i]], filled=tied)
-    ax.set_yticks(range(len(idx)), [wrap(f"#{lb.rank[i]} {lb.backbones[i]}", 30) for i in idx])
+    ax.set_yticks(range(len(idx)), labels)
     ax.invert_yaxis()
     if lb.ranked_by == "zmean":
         ax.axvline(0, color="0.6", lw=0.8, zorder=0)
@@ -78,7 +79,8 @@ def task_scores(lb: Leaderboard, styles: Styles, cost: Any = None) -> Drawn:
     k = len(lb.columns)
     ncols = min(3, k)
     nrows = math.ceil(k / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, nrows * (0.27 * len(idx) + 1.0)), sharey=True,
+    labels = [wrap(lb.backbones[i], 24) for i in idx]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, nrows * (row_height(labels) * len(idx) + 1.1)), sharey=True,
                              layout="constrained", squeeze=False)
     for j, c in enumerate(lb.columns):
         ax = axes.flat[j]
@@ -93,13 +95,14 @@ def task_scores(lb: Leaderboard, styles: Styles, cost: Any = None) -> Drawn:
             iv = lb.stats.cells.get((b, c)) if lb.stats is not None else None
             _point(ax, v, y, iv.low if iv else None, iv.high if iv else None, styles[b])
         task = c.split(":", 1)[0]
-        ax.set_title(wrap(c, 30), fontsize=FONT)
+        ax.set_title(wrap(c, 20 if ncols == 3 else 32), fontsize=FONT - 0.5)
         ax.set_xlabel(metric.get(task, "value"))
         ax.grid(axis="x", alpha=0.3)
         ax.locator_params(axis="x", nbins=4)
+        ax.margins(x=0.1)
     for ax in axes.flat[k:]:
         ax.set_visible(False)
-    axes[0, 0].set_yticks(range(len(idx)), [wrap(lb.backbones[i]) for i in idx])
+    axes[0, 0].set_yticks(range(len(idx)), labels)
     axes[0, 0].set_ylim(len(idx) - 0.5, -0.5)
     return fig, ("One panel per task:dataset: each backbone's main metric (marker) with its 95 % bootstrap "
                  "interval (whiskers), backbones in leaderboard order; each panel has its own x axis, so "
@@ -124,11 +127,12 @@ def zscore_heatmap(lb: Leaderboard, styles: Styles, cost: Any = None) -> Drawn:
         return "z-scores need at least two backbones"
     plt = _plt()
     idx = order(lb)
-    fig, ax = plt.subplots(figsize=(WIDTH, 0.34 * len(idx) + 1.6), layout="constrained")
+    labels = [wrap(lb.backbones[i], 30) for i in idx]
+    fig, ax = plt.subplots(figsize=(WIDTH, row_height(labels) * len(idx) + 1.6), layout="constrained")
     im = _heatmap(ax, lb.task_z[idx], 2.0, "+.2f")
     ax.set_xticks(range(len(lb.tasks)), lb.tasks, rotation=30 if len(lb.tasks) > 5 else 0,
                   ha="right" if len(lb.tasks) > 5 else "center")
-    ax.set_yticks(range(len(idx)), [wrap(lb.backbones[i], 30) for i in idx])
+    ax.set_yticks(range(len(idx)), labels)
     fig.colorbar(im, ax=ax, label="z-score", shrink=0.9)
     return fig, ("Each backbone's z-score per task (rows in leaderboard order): blue above the backbones' mean, "
                  "red below, in standard deviations; grey – marks a task without a z-score for that backbone.")
@@ -140,10 +144,11 @@ def task_correlation(lb: Leaderboard, styles: Styles, cost: Any = None) -> Drawn
         return note
     plt = _plt()
     T = len(lb.tasks)
-    fig, ax = plt.subplots(figsize=(WIDTH, min(WIDTH * 0.75, 0.45 * T + 1.6)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(WIDTH, min(WIDTH * 0.75, 0.4 * T + 1.4)), layout="constrained")
     M = lb.spearman.copy()
     np.fill_diagonal(M, 1.0)
     im = _heatmap(ax, M, 1.0, "+.2f")
+    ax.set_aspect("equal")  # square cells: a task against a task
     ax.set_xticks(range(T), lb.tasks, rotation=30 if T > 4 else 0, ha="right" if T > 4 else "center")
     ax.set_yticks(range(T), lb.tasks)
     fig.colorbar(im, ax=ax, label="Spearman ρ", shrink=0.9)
@@ -163,10 +168,14 @@ def critical_difference(lb: Leaderboard, styles: Styles, cost: Any = None) -> Dr
 
     plt = _plt()
     names = lb.backbones
-    labels = {b: wrap(b, 26).replace("\n", " ") for b in names}
+    labels = {b: wrap(b, 26) for b in names}
     ranks = pd.Series({labels[b]: st.mean_ranks[b] for b in names})
     sig = pd.DataFrame(st.posthoc, index=[labels[b] for b in names], columns=[labels[b] for b in names])
-    fig, ax = plt.subplots(figsize=(WIDTH, 0.22 * len(names) + 1.3), layout="constrained")
+    # no constrained layout: the labels sit outside the axes on purpose (saving trims to them)
+    fig, ax = plt.subplots(figsize=(WIDTH, 0.3 * len(names) + 1.3))
+    longest = max(len(line) for b in names for line in labels[b].splitlines()) + 6  # + " (1.5)"
+    side = min(0.42, (longest * (FONT - 1) * 0.6 / 72 + 0.15) / WIDTH)  # the labels' width, as a fraction
+    fig.subplots_adjust(left=side, right=1 - side, top=0.8, bottom=0.05)
     sp.critical_difference_diagram(ranks, sig, ax=ax, label_props={"fontsize": FONT - 1},
                                    color_palette={labels[b]: styles[b][0] for b in names},
                                    crossbar_props={"color": "0.2", "linewidth": 2.5})

@@ -111,7 +111,7 @@ def spearman_note(lb: Leaderboard) -> str | None:
 
 
 def spearman_cell(lb: Leaderboard, a: int, b: int) -> str:
-    return "1.00" if a == b else number(float(lb.spearman[a, b]), 2, sign=True)
+    return "+1.00" if a == b else number(float(lb.spearman[a, b]), 2, sign=True)
 
 
 def leaderboard_rows(lb: Leaderboard) -> list[dict[str, str]]:
