@@ -172,7 +172,8 @@ def _print_leaderboard(lb) -> None:
         return
     ranked = R.leaderboard_rows(lb)
     table(ranked, list(ranked[0]), title=f"leaderboard, ranked by {R.AGGREGATE_NAMES[lb.ranked_by]} "
-                                         f"(± half width of the 95 % interval); {R.Z_SENTENCE}")
+                                         f"(± half width of the 95 % interval)")
+    out.print(R.Z_SENTENCE)
     metrics = R.metric_rows(lb)
     table(metrics, list(metrics[0]), title="main metric per task:dataset (top-1, mAP, AUROC, mIoU, box AP), "
                                            "value ± half width")
