@@ -132,6 +132,21 @@ def test_unpack_verifies_the_text_groups_chunks(source, tmp_path):
         unpack(tmp_path / "odd.zip", str(tmp_path / "new.zarr"))
 
 
+def test_the_cli_says_what_text_groups_travelled(source, tmp_path, run_cli):
+    path, _ = source
+    def said(*args: str) -> str:  # the printed line, unwrapped
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        return " ".join(out.split())
+
+    out = said("pack", "--to", str(tmp_path / "p.zip"), "--cache", path)
+    assert "packed 1 group(s) and 1 record(s)" in out and "with the 1 text embedding group(s) they read" in out
+    out = said("unpack", str(tmp_path / "p.zip"), "--into", str(tmp_path / "u.zarr"))
+    assert "unpacked 1 group(s), 1 record(s), 1 text embedding group(s);" in out
+    out = said("merge", path, "--into", str(tmp_path / "m.zarr"))
+    assert "1 record(s) copied, 1 text embedding group(s) copied" in out
+
+
 def test_merge_copies_text_groups_checked_and_refuses_a_conflicting_one(source, copy, tmp_path, monkeypatch):
     path, record = source
     into = str(tmp_path / "m.zarr")

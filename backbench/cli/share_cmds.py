@@ -73,7 +73,8 @@ def pack(
     manifest = run(Cache(cache, mode="r"), list(groups or []), to)
     if json_:
         return emit_json({"file": str(to), **manifest})
-    out.print(f"packed {len(manifest['groups'])} group(s) and {manifest['records']} record(s) into {to}")
+    out.print(f"packed {len(manifest['groups'])} group(s) and {manifest['records']} record(s) into {to}"
+              + (f", with the {len(manifest['text'])} text embedding group(s) they read" if manifest["text"] else ""))
 
 
 @app.command()
@@ -101,7 +102,8 @@ def unpack(
     result = run(archive, into, max_size=limit)
     if json_:
         return emit_json(result)
-    out.print(f"unpacked {len(result['groups'])} group(s), {result['records']} record(s); "
+    out.print(f"unpacked {len(result['groups'])} group(s), {result['records']} record(s)"
+              + (f", {len(result['text'])} text embedding group(s)" if result["text"] else "") + "; "
               f"{result['chunks_verified']} chunk(s) verified")
 
 
@@ -124,6 +126,7 @@ def merge(
     out.print(f"merged {len(caches)} cache(s) into {into}: {len(result['groups_copied'])} group(s) copied "
               f"({result['chunks_copied']} chunk(s) verified), {len(result['groups_present'])} already present, "
               f"{result['records_copied']} record(s) copied"
+              + (f", {len(result['texts_copied'])} text embedding group(s) copied" if result["texts_copied"] else "")
               + (f"; {len(incomplete)} incomplete (finish with `backbench extract`)" if incomplete else ""))
 
 
