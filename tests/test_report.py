@@ -304,7 +304,7 @@ def test_fewshot_axis_is_labelled_by_the_real_shot_counts():
 
     matplotlib.use("Agg")
     from backbench.report import plots
-    from backbench.report.figures import style
+    from backbench.report.plots import style
 
     lb = build(RECORDS + [rec(b, "fewshot", "d1", v, shots=k) for b in "ab" for k, v in ((1, 0.3), (5, 0.6))])
     fig, caption = plots.fewshot_curves(lb, style(lb))
@@ -318,7 +318,7 @@ def test_cost_axes_are_parameters_and_gflops_not_images_per_second():
 
     matplotlib.use("Agg")
     from backbench.report import plots
-    from backbench.report.figures import style
+    from backbench.report.plots import style
 
     lb = build(RECORDS)
     fig, _ = plots.score_vs_cost(lb, style(lb), cost=COST)

@@ -13,20 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from backbench.report.leaderboard import Leaderboard
-from backbench.report.render import AGGREGATE_NAMES, has_intervals, order
-
-WIDTH = 6.5  # inches: a paper's text width; every figure has it
-FONT = 9
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-DPI = 300
-RC = {"font.size": FONT, "axes.titlesize": FONT + 1, "axes.labelsize": FONT, "xtick.labelsize": FONT - 1,
-      "ytick.labelsize": FONT - 1, "legend.fontsize": FONT - 1, "font.family": "DejaVu Sans",
-      "axes.spines.top": False, "axes.spines.right": False, "svg.hashsalt": "backbench",
-      "axes.prop_cycle": None}
+from backbench.report import plots
+from backbench.report.plots import DPI, OKABE_ITO, RC, style
 
 
 @dataclass
@@ -47,37 +36,6 @@ class Figures(dict):
         self.skipped: dict[str, str] = {}
 
 
-def wrap(name: str, width: int = 22) -> str:
-    """A long name broken after its separators (``:/@_-.``) into lines of at most ``width``
-    characters, so a label never runs into the next panel or label."""
-    import re
-
-    lines, cur = [], ""
-    for piece in re.split(r"(?<=[:/@_\-. ])", name):
-        while len(piece) > width:  # a token longer than a line: cut it
-            if cur:
-                lines.append(cur)
-                cur = ""
-            lines.append(piece[:width])
-            piece = piece[width:]
-        if cur and len(cur) + len(piece) > width:
-            lines.append(cur)
-            cur = ""
-        cur += piece
-    return "\n".join(ln.strip() for ln in [*lines, cur] if ln.strip())
-
-
-def row_height(labels: list[str]) -> float:
-    """Inches per row for labels of this many lines: rows never overlap."""
-    n = max((lb.count("\n") + 1 for lb in labels), default=1)
-    return max(0.27, 0.15 * n + 0.08)
-
-
-def style(lb: Leaderboard) -> dict[str, tuple[str, str]]:
-    """backbone -> (colour, marker), by rank: the same in every figure."""
-    return {lb.backbones[i]: (OKABE_ITO[k % 8], MARKERS[(k // 8) % 8]) for k, i in enumerate(order(lb))}
-
-
 def figures(lb: Leaderboard, cost: dict[str, dict[str, Any]] | None = None,
             formats: tuple[str, ...] = ("svg",)) -> Figures:
     """Every figure the leaderboard supports, encoded in ``formats``."""
@@ -85,8 +43,6 @@ def figures(lb: Leaderboard, cost: dict[str, dict[str, Any]] | None = None,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from backbench.report import plots
 
     out = Figures()
     drawers: list[tuple[str, Callable[..., Any]]] = [
@@ -127,8 +83,3 @@ def write_figures(figs: Figures, folder: str | Path, fmt: str) -> list[Path]:
 
 def write_pngs(figs: Figures, folder: str | Path) -> list[Path]:
     return write_figures(figs, folder, "png")
-
-
-def score_label(lb: Leaderboard) -> str:
-    """The axis label of the ranked aggregate."""
-    return AGGREGATE_NAMES[lb.ranked_by] + (" (95 % interval)" if has_intervals(lb) else "")

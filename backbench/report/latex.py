@@ -52,7 +52,7 @@ def tabular(header: list[str], rows: list[list[str]], caption: str, label: str, 
     body = [" & ".join(header) + r" \\", r"\midrule", *(" & ".join(r) + r" \\" for r in rows)]
     inner = "\n".join([rf"\begin{{tabular}}{{{align}}}", r"\toprule", *body, r"\bottomrule", r"\end{tabular}"])
     if len(header) > WIDE:
-        inner = rf"\resizebox{{\linewidth}}{{!}}{{%" + "\n" + inner + "}"
+        inner = r"\resizebox{\linewidth}{!}{%" + "\n" + inner + "}"
     return "\n".join([r"\begin{table}[t]", r"\centering", r"\small", inner, rf"\caption{{{caption}}}",
                       rf"\label{{{label}}}", r"\end{table}", ""])
 

@@ -9,9 +9,55 @@ from typing import Any
 
 import numpy as np
 
-from backbench.report.figures import FONT, WIDTH, row_height, score_label, wrap
 from backbench.report.leaderboard import Leaderboard, main_metrics
 from backbench.report.render import AGGREGATE_NAMES, has_intervals, order, spearman_note
+
+WIDTH = 6.5  # inches: a paper's text width; every figure has it
+FONT = 9
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+DPI = 300
+RC = {"font.size": FONT, "axes.titlesize": FONT + 1, "axes.labelsize": FONT, "xtick.labelsize": FONT - 1,
+      "ytick.labelsize": FONT - 1, "legend.fontsize": FONT - 1, "font.family": "DejaVu Sans",
+      "axes.spines.top": False, "axes.spines.right": False, "svg.hashsalt": "backbench",
+      "axes.prop_cycle": None}
+
+
+def wrap(name: str, width: int = 22) -> str:
+    """A long name broken after its separators (``:/@_-.``) into lines of at most ``width``
+    characters, so a label never runs into the next panel or label."""
+    import re
+
+    lines, cur = [], ""
+    for piece in re.split(r"(?<=[:/@_\-. ])", name):
+        while len(piece) > width:  # a token longer than a line: cut it
+            if cur:
+                lines.append(cur)
+                cur = ""
+            lines.append(piece[:width])
+            piece = piece[width:]
+        if cur and len(cur) + len(piece) > width:
+            lines.append(cur)
+            cur = ""
+        cur += piece
+    return "\n".join(ln.strip() for ln in [*lines, cur] if ln.strip())
+
+
+def row_height(labels: list[str]) -> float:
+    """Inches per row for labels of this many lines: rows never overlap."""
+    n = max((lb.count("\n") + 1 for lb in labels), default=1)
+    return max(0.27, 0.15 * n + 0.08)
+
+
+def style(lb: Leaderboard) -> dict[str, tuple[str, str]]:
+    """backbone -> (colour, marker), by rank: the same in every figure."""
+    return {lb.backbones[i]: (OKABE_ITO[k % 8], MARKERS[(k // 8) % 8]) for k, i in enumerate(order(lb))}
+
+
+def score_label(lb: Leaderboard) -> str:
+    """The axis label of the ranked aggregate."""
+    return AGGREGATE_NAMES[lb.ranked_by] + (" (95 % interval)" if has_intervals(lb) else "")
+
 
 Drawn = "tuple[Any, str] | str"
 Styles = dict[str, tuple[str, str]]
