@@ -307,3 +307,13 @@ def test_a_record_without_outcomes_is_reused_and_has_no_resampler(digits_cache):
     assert reused and again["key"] == rec["key"] and "outcomes" not in again
     assert outcomes_of(digits_cache, again) == {} and resampler(again, {}) is None
     assert resampler({"task": "clustering"}, {"assignments": np.zeros((1, 3), np.int32)}) is None
+
+
+def test_knn_eval_outcomes_need_one_of_its_ks():
+    from backbench.errors import ProbeInputError
+    from backbench.probe.knn import knn_eval
+
+    X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    y = np.arange(20) % 2
+    with pytest.raises(ProbeInputError, match="outcomes_at=7 must be one of ks"):
+        knn_eval(X, y, X, y, ks=(1, 5), outcomes_at=7)

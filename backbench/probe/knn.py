@@ -223,6 +223,8 @@ def knn_eval(
     if len(train_lab) != train_X.shape[0] or len(eval_lab) != eval_X.shape[0]:
         raise ProbeInputError("train_y / eval_y must have one label per row of train_X / eval_X")
     n_train, ks = train_X.shape[0], sorted({int(k) for k in ks})
+    if outcomes_at is not None and int(outcomes_at) not in ks:
+        raise ProbeInputError(f"outcomes_at={outcomes_at} must be one of ks {ks}")
     from backbench.probe.stream import GroupRows, streamed_search
 
     streamed = isinstance(train_X, GroupRows)  # bigger than memory: one pass per query batch
@@ -249,6 +251,4 @@ def knn_eval(
     out.update(n_train=int(n_train), n_eval=int(n_eval), n_classes=n_cls)
     if outcomes_at is None:
         return out
-    if int(outcomes_at) not in ks:
-        raise ProbeInputError(f"outcomes_at={outcomes_at} must be one of ks {ks}")
     return out, {"correct": correct, "predicted": predicted}

@@ -165,11 +165,16 @@ def _entropy(margin: np.ndarray, total: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.where(margin > 0, p, 1))).sum(axis=1)
 
 
-def _sum_by(w: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """``(B, n_groups)`` sums of the columns of ``w (B, n)`` by their ``group`` index (every
-    group 0 .. n_groups-1 non-empty, as ``np.unique``'s inverse makes them)."""
-    order = np.argsort(group, kind="stable")
-    return np.add.reduceat(w[:, order], np.searchsorted(group[order], np.arange(n_groups)), axis=1)
+class _GroupSum:
+    """Sums of the columns of ``(B, n)`` arrays by a fixed ``group`` index per column (every
+    group 0 .. max non-empty, as ``np.unique``'s inverse makes them): one sort, made once."""
+
+    def __init__(self, group: np.ndarray) -> None:
+        self.order = np.argsort(group, kind="stable")
+        self.starts = np.searchsorted(group[self.order], np.arange(int(group.max()) + 1))
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(w[:, self.order], self.starts, axis=1)
 
 
 class WeightedNMI:
@@ -181,15 +186,15 @@ class WeightedNMI:
         _, lab = np.unique(labels, return_inverse=True)
         _, clu = np.unique(clusters, return_inverse=True)
         width = int(clu.max()) + 1
-        codes, self.pair = np.unique(lab.astype(np.int64) * width + clu, return_inverse=True)
+        codes, pair = np.unique(lab.astype(np.int64) * width + clu, return_inverse=True)
         self.pair_lab, self.pair_clu = codes // width, codes % width
-        self.n_pairs, self.n_lab, self.n_clu = len(codes), int(lab.max()) + 1, width
+        self.table, self.by_lab, self.by_clu = _GroupSum(pair), _GroupSum(self.pair_lab), _GroupSum(self.pair_clu)
 
     def __call__(self, weights: np.ndarray) -> np.ndarray:
         out = np.empty(weights.shape[0])
         for rows in _blocks(weights.shape[0], weights.shape[1]):
-            table = _sum_by(weights[rows], self.pair, self.n_pairs)  # (b, pairs)
-            a, b = _sum_by(table, self.pair_lab, self.n_lab), _sum_by(table, self.pair_clu, self.n_clu)
+            table = self.table(weights[rows])  # (b, pairs)
+            a, b = self.by_lab(table), self.by_clu(table)
             total = table.sum(axis=1)
             outer = a[:, self.pair_lab] * b[:, self.pair_clu]
             cells = np.where(table > 0, table, 1)
