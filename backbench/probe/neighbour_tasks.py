@@ -2,6 +2,11 @@
 
 A retrieval gallery whose float32 copy would not fit in the memory left is added to the
 faiss index chunk by chunk straight from the Zarr array, never read whole as raw features.
+
+Outcomes (for the report's intervals, :mod:`backbench.probe.resample`): kNN keeps
+``correct`` and ``predicted`` per eval image at its main k; retrieval keeps, per query with a
+relevant item, ``query`` (its row), ``ap`` (exact index: the mean is mAP), ``ap_topk`` and
+``first_hit`` (0-based rank of the first relevant item, -1 if none is retrieved).
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Detection fits each scorer on the ID train split and scores ID test against every OOD set
 (any group of the same backbone; other weights or preprocessing are refused). Logit scores
 use the ID linear probe and, where the cache holds them, the backbone's own classifier.
+
+Outcomes (for the report's intervals, :mod:`backbench.probe.resample`): detection and
+open-set keep the primary score's ``scores`` per image, ID test first, then each OOD set in
+the record's ``outcome_sets`` order, with ``set`` (0 = ID, j = the j-th OOD set); shift keeps
+``correct`` and ``predicted`` per image of every shifted split, ``set`` indexing
+``outcome_sets``.
 """
 
 from __future__ import annotations

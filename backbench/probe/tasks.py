@@ -3,6 +3,8 @@
 The pure layer is :mod:`backbench.probe.linear` (arrays in, estimator out); this layer
 reads the splits a :class:`~backbench.tasks.base.TaskRequest` names, fits, evaluates and
 logs one record per (task, seed); :mod:`backbench.cli` and the battle build the requests.
+Each record keeps ``correct`` and ``predicted`` per eval image as outcome arrays, from which
+the report bootstraps top-1 (:mod:`backbench.probe.resample`).
 """
 
 from __future__ import annotations
