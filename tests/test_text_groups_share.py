@@ -177,3 +177,10 @@ def test_export_and_import_carry_text_groups(source, tmp_path, monkeypatch):
     assert import_report(tmp_path / "e.h5", Cache(into))["already_present"] == report["groups"]
     # records do not travel in HDF5: zero-shot recomputes the metrics from the carried text group
     _same_answer(into, record, monkeypatch)
+    import h5py
+
+    with h5py.File(tmp_path / "e.h5", "r+") as h5:  # a torn text group in a file is refused before any import
+        h5[text.path]["chunk_checksum"][0] = -1
+    with pytest.raises(CacheError, match=f"text embeddings {text.path} are torn .*; nothing was imported"):
+        import_report(tmp_path / "e.h5", Cache(str(tmp_path / "j.zarr")))
+    assert list(text_groups(Cache(str(tmp_path / "j.zarr")))) == []

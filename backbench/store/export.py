@@ -21,7 +21,7 @@ from backbench.store.cache import Cache
 from backbench.store.chunks import as_crc
 from backbench.store.verify import refuse_damaged
 from backbench.store.group import FeatureGroup, cache_key, chunk_rows_for, group_key
-from backbench.store.text_groups import is_text_group, refuse_torn, text_groups, text_path
+from backbench.store.text_groups import check_imported, held_text, is_text_group, refuse_torn, text_groups
 
 
 JSON_ATTRS = "backbench_json_attrs"  # on each exported group: the attributes stored as JSON text
@@ -156,11 +156,7 @@ def _create(cache: Cache, path: str, spec: dict[str, Any]) -> FeatureGroup:
 def _held(cache: Cache, attrs: dict[str, Any]) -> tuple[str, FeatureGroup | None]:
     """Where a group with ``attrs`` goes in ``cache``, and the group there now (None if none)."""
     if is_text_group(attrs):
-        path = text_path(attrs)
-        try:
-            return path, FeatureGroup(cache.root[path]).check()
-        except KeyError:
-            return path, None
+        return held_text(cache, attrs)
     key = group_key(attrs)
     return cache.group_path(*key), cache.group(*key) if key in cache else None
 
@@ -269,7 +265,7 @@ def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) ->
         stored = (np.array([as_crc(_py(v)) for v in g["chunk_checksum"][()]], dtype=np.int64)
                   if "chunk_checksum" in g else None)
         if is_text_group(attrs):
-            _check_text(where, g.name.strip("/"), attrs, stored)
+            check_imported(where, g.name.strip("/"), attrs, stored)
         rows = Rows(f"{where}:{g.name}", n, int(attrs["chunk_rows"]), read, stored=stored,
                     algorithm=attrs.get("checksum", "crc32"))
         spec = {"attrs": attrs, "n": n, "dim": dim, "dtype": attrs["dtype"], "chunk_rows": int(attrs["chunk_rows"]),
@@ -279,17 +275,6 @@ def _plan_exported(where: str, groups: list, backbone, dataset, split, dtype) ->
         held = ", ".join(sorted(g.name.strip("/") for g in groups))
         raise CacheError(f"{where} has no group for the given --backbone/--dataset/--split; it holds: {held}")
     return jobs
-
-
-def _check_text(where: str, name: str, attrs: dict[str, Any], stored: np.ndarray | None) -> None:
-    """Refuse a text embeddings group of an exported file that is torn or at another place than its
-    attributes name (its chunks are checked against their checksums as they are copied)."""
-    if name != text_path(attrs):
-        raise CacheError(f"{where}: text group {name} names another place ({text_path(attrs)}); export it again; "
-                         f"nothing was imported")
-    if stored is None or (stored < 0).any():
-        raise CacheError(f"{where}: text embeddings {name} are torn (chunks without a checksum); export them "
-                         f"again from a cache where they are whole; nothing was imported")
 
 
 def _plan_foreign(where: str, h5, backbone, dataset, split, dtype: str):

@@ -77,6 +77,26 @@ def refuse_torn(groups: Iterable[FeatureGroup], where: str, nothing: str) -> Non
                              f"folder; {nothing}")
 
 
+def held_text(cache: Cache, attrs: dict[str, Any]) -> tuple[str, FeatureGroup | None]:
+    """Where a text group with ``attrs`` goes in ``cache``, and the group there now (None if none)."""
+    path = text_path(attrs)
+    try:
+        return path, FeatureGroup(cache.root[path]).check()
+    except KeyError:
+        return path, None
+
+
+def check_imported(where: str, name: str, attrs: dict[str, Any], stored: np.ndarray | None) -> None:
+    """Refuse a text group of an exported file (``where``, at ``name``) that is torn or at another
+    place than its attributes name (its chunks are checked against their checksums as they are copied)."""
+    if name != text_path(attrs):
+        raise CacheError(f"{where}: text group {name} names another place ({text_path(attrs)}); export it again; "
+                         f"nothing was imported")
+    if stored is None or (stored < 0).any():
+        raise CacheError(f"{where}: text embeddings {name} are torn (chunks without a checksum); export them "
+                         f"again from a cache where they are whole; nothing was imported")
+
+
 def keys_of(groups: Iterable[FeatureGroup]) -> dict[str, FeatureGroup]:
     """The groups by ``cache_key``."""
     return {g.attrs.get("cache_key"): g for g in groups}
