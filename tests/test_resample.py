@@ -317,3 +317,14 @@ def test_knn_eval_outcomes_need_one_of_its_ks():
     y = np.arange(20) % 2
     with pytest.raises(ProbeInputError, match="outcomes_at=7 must be one of ks"):
         knn_eval(X, y, X, y, ks=(1, 5), outcomes_at=7)
+
+
+def test_streamed_splits_keep_the_same_outcomes(digits_cache):
+    """Above the memory limit kNN and retrieval read the cache block by block: same outcomes."""
+    cache = Cache(digits_cache)
+    (knn, _), = run_knn(cache, B, "digits", "train", "test", ks=[5])
+    ret, _ = run_retrieval(cache, B, "digits", "test", "train", ks=[1])
+    (knn_s, _), = run_knn(cache, B, "digits", "train", "test", ks=[5], memory_limit=1, force=True)
+    ret_s, _ = run_retrieval(cache, B, "digits", "test", "train", ks=[1], memory_limit=1, force=True)
+    for a, b in ((knn, knn_s), (ret, ret_s)):
+        assert b["key"] == a["key"] and b["outcomes"] == a["outcomes"]  # the same arrays (SHA-256)
