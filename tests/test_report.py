@@ -166,7 +166,7 @@ def test_csv_round_trips_to_the_json_numbers():
     data = json.loads(to_json(lb))
     rows = {r["backbone"]: r for r in csv.DictReader(io.StringIO(to_csv(lb)))}
     assert list(rows) == ["b", "c", "a"]
-    assert list(csv.reader(io.StringIO(to_csv(lb))))[0][:5] == ["rank", "rank_low", "rank_high", "backbone", "z_mean"]
+    assert list(csv.reader(io.StringIO(to_csv(lb))))[0][:5] == ["rank", "backbone", "rank_low", "rank_high", "z_mean"]
     for cell in data["cells"]:
         r, col = rows[cell["backbone"]], f"{cell['task']}:{cell['dataset']}"
         assert float(r[col]) == pytest.approx(cell["value"])

@@ -199,7 +199,7 @@ def pairwise_rows(lb: Leaderboard) -> list[dict[str, str]]:
 def csv_rows(lb: Leaderboard) -> list[dict[str, Any]]:
     """One row per backbone, best first (a wide table: ``pandas.read_csv(..., index_col="backbone")``).
 
-    Columns: ``rank``, ``rank_low``, ``rank_high``, ``backbone``, ``z_mean`` with ``z_mean_ci_low``/
+    Columns: ``rank``, ``backbone``, ``rank_low``, ``rank_high``, ``z_mean`` with ``z_mean_ci_low``/
     ``z_mean_ci_high`` (and the ranked aggregate likewise when it is not z_mean), ``tasks``,
     ``z:<task>``, then per task:dataset its value and ``<task:dataset> ci_low``/``ci_high``, and
     ``missing``. Empty: missing or no interval; ``n/a``: the task does not apply.
@@ -210,9 +210,8 @@ def csv_rows(lb: Leaderboard) -> list[dict[str, Any]]:
     out = []
     for row in lb.rows():
         b = row["backbone"]
-        r: dict[str, Any] = {"rank": row["rank"]}
+        r: dict[str, Any] = {"rank": row["rank"], "backbone": b}
         r["rank_low"], r["rank_high"] = (st.rank[b][1:] if st is not None and b in st.rank else (None, None))
-        r["backbone"] = b
         for how in dict.fromkeys(("zmean", lb.ranked_by)):
             name = AGGREGATE_COLUMN[how]
             iv = st.aggregates.get(how, {}).get(b) if st is not None else None
