@@ -168,6 +168,8 @@ def test_the_documented_battle_config_is_valid():
     assert blocks, "the docs show a battle config"
     for block in blocks:
         cfg = parse_config(tomllib.loads(block), "README")
-        assert set(cfg.tasks) == {"probe", "fewshot", "knn", "retrieval", "ood", "shift", "segmentation", "detection"}
+        assert set(cfg.tasks) == {"probe", "fewshot", "knn", "retrieval", "ood", "shift", "segmentation", "detection",
+                                  "text-retrieval"}
         assert cfg.tasks_for(cfg.datasets["voc"]) == ["segmentation"]
+        assert cfg.datasets["flickr"].train is None and cfg.tasks_for(cfg.datasets["flickr"]) == ["text-retrieval"]
         assert "segmentation" not in cfg.tasks_for(cfg.datasets["pets"])
