@@ -36,16 +36,29 @@ def is_text_group(attrs: dict[str, Any]) -> bool:
 
 
 def text_groups(cache: Cache) -> Iterator[FeatureGroup]:
-    """Every text group of ``cache`` (none where the store cannot list ``_text``)."""
+    """Every readable text group of ``cache``: none where the store cannot list ``_text``, and
+    none whose metadata cannot be read (it is recomputed where it is needed, never copied)."""
+    for path in _text_paths(cache):
+        try:
+            node = cache.root[path]
+        except Exception:  # noqa: BLE001 - unreadable metadata
+            continue
+        if "backbone" in node.attrs:
+            yield FeatureGroup(node)
+
+
+def _text_paths(cache: Cache) -> list[str]:
+    """``_text/<slug>/<hash>`` of every folder there: by the file system for a local cache (one
+    unreadable group hides no other), else by the store's listing."""
+    local = cache.location.local_path
+    if local is not None:
+        top = local / TEXT
+        return sorted(f"{TEXT}/{b.name}/{g.name}" for b in (top.iterdir() if top.is_dir() else [])
+                      if b.is_dir() for g in b.iterdir() if (g / "zarr.json").is_file())
     try:
-        top = cache.root[TEXT]
-        slugs = sorted(top.groups(), key=lambda kv: kv[0])
-    except Exception:  # noqa: BLE001 - no _text folder, or a store that cannot list: no text groups
-        return
-    for _, backbone in slugs:
-        for _, node in sorted(backbone.groups(), key=lambda kv: kv[0]):
-            if "backbone" in node.attrs:
-                yield FeatureGroup(node)
+        return sorted(f"{TEXT}/{b}/{g}" for b, node in cache.root[TEXT].groups() for g, _ in node.groups())
+    except Exception:  # noqa: BLE001 - no _text folder, or a store that cannot list it
+        return []
 
 
 def text_problem(group: FeatureGroup) -> str | None:
