@@ -271,6 +271,7 @@ def test_zeroshot_resamples_its_accuracy(tmp_path):
                              device="cpu").record
     out = outcomes_of(path, rec)
     y = Cache(path).group(CLIP, "toy", "test").labels()
+    assert out["predicted"].dtype == np.int8 and out["correct"].mean() == rec["metrics"]["top1"]
     check(rec, out, rec["metrics"]["top1"], lambda i: accuracy_score(y[i[0]], out["predicted"][i[0]]))
 
 
@@ -289,6 +290,7 @@ def test_text_retrieval_resamples_images_and_captions_apart(tmp_path):
     rec = backbench.text_retrieval(CLIP, "caps", split="test", ks=[1, 2], cache=path, device="cpu").record
     out = outcomes_of(path, rec)
     i2t, t2i = out["i2t_rank"], out["t2i_rank"]
+    assert i2t.dtype == t2i.dtype == np.int8
 
     def recall(i):
         return np.mean([(i2t[i[0]] < k).mean() for k in (1, 2)] + [(t2i[i[1]] < k).mean() for k in (1, 2)])

@@ -74,7 +74,7 @@ def text_retrieval_metrics(images: np.ndarray, texts: np.ndarray, text_image: np
         metrics[f"text_to_image_R@{k}"] = float((t2i < k).mean())
     metrics["mean_recall"] = float(np.mean([v for v in metrics.values()]))
     metrics.update(n_images=int(len(i2t)), n_texts=int(len(t2i)))
-    return metrics, {"i2t_rank": i2t, "t2i_rank": t2i}
+    return metrics, {"i2t_rank": resample.compact(i2t), "t2i_rank": resample.compact(t2i)}
 
 
 def is_captioned(spec: str) -> bool:

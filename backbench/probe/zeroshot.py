@@ -85,7 +85,7 @@ def ranked_metrics(order: np.ndarray, y: np.ndarray, n_classes: int, ks: Sequenc
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         metrics["mean_per_class_recall"] = float(balanced_accuracy_score(y, predicted))
     metrics["n"] = int(len(y))
-    return metrics, {"correct": predicted == y, "predicted": predicted}
+    return metrics, {"correct": predicted == y, "predicted": _resample.compact(predicted)}
 
 
 def logs_not_applicable(run: Callable[..., list[tuple[Record, bool]]]) -> Callable[..., list[tuple[Record, bool]]]:
