@@ -196,8 +196,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         classes, codes = _encode(y, len(Xt))
         return self._fit_tensor(Xt, codes, classes)
 
-    def _fit_tensor(self, Xt, codes, classes, init=None, eig=None) -> LinearProbe:
-        """Fit on a prepared tensor; a sweep passes its solution (warm start) and preconditioner."""
+    def _fit_tensor(self, Xt, codes, classes, warm=None, eig=None) -> LinearProbe:
+        """Fit on a prepared tensor; a sweep passes ``warm``, ``(state, row, lam)`` of its solution
+        for this ``C`` (a start with its curvature pairs), and its preconditioner."""
         import torch
 
         from backbench.probe import _solver
@@ -205,16 +206,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if not self.C > 0:
             raise ProbeInputError(f"C must be positive, got {self.C}")
         n, d = Xt.shape
+        K = len(classes)
         codes_t = torch.as_tensor(codes, dtype=torch.long, device=Xt.device)
         weights = torch.full((n,), 1.0 / n, device=Xt.device)
         mean, scale = _solver.moments(Xt, weights, self.standardize)
-        obj = _solver.Objective(Xt, codes_t, weights, mean, scale, len(classes))
+        obj = _solver.Objective(Xt, codes_t, weights, mean, scale, K)
         if eig is None:
             eig = _solver.preconditioner(Xt, weights, mean, scale)
-        theta = _solver.initial(codes_t, weights, len(classes), d) if init is None else init.reshape(1, -1)
-        theta, n_iter = _solver.solve(obj, [self.C], n, theta.clone(), max_iter=self.max_iter, tol=self.tol,
-                                      eig=eig)
-        self._set_fitted(theta[0].double().cpu().numpy(), classes, mean.cpu().numpy(), scale.cpu().numpy())
+        if warm is None:
+            start = _solver.State.fresh(_solver.initial(codes_t, weights, K, d))
+        else:
+            state, row, lam = warm
+            start = state.restart(row, lam, _solver.strengths([self.C], n, K, Xt.device), K * d, False)
+        state, n_iter = _solver.solve(obj, [self.C], n, start, max_iter=self.max_iter, tol=self.tol, eig=eig)
+        self._set_fitted(state.theta[0].double().cpu().numpy(), classes, mean.cpu().numpy(), scale.cpu().numpy())
         self.n_iter_ = int(n_iter[0])
         return self
 
@@ -307,30 +312,41 @@ def _path(Xt, codes, weights, X_val, codes_val, Cs, n_classes: int, *, standardi
           tol: float, selection: str = "val"):
     """Fit every ``C`` (ascending) on the rows of ``Xt`` with weight > 0 and score it on ``X_val``.
 
-    Returns ``(SweepResult, thetas, eig)``: ``thetas[i]`` solves ``Cs[i]``; the preconditioner
-    ``eig`` serves the final fit too.
+    Each batch starts where the last ended, with its L-BFGS pairs, and steps first along the
+    path (linear in ``log C``). Returns ``(SweepResult, warm, eig)``: ``warm`` is the best ``C``'s
+    ``(state, row, lam)`` and ``eig`` the preconditioner, both to start the final fit.
     """
     from backbench.probe import _solver
 
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     Cs = _sorted_Cs(Cs)
     mean, scale = _solver.moments(Xt, weights, standardize)
     obj = _solver.Objective(Xt, codes, weights, mean, scale, n_classes)
     eig = _solver.preconditioner(Xt, weights, mean, scale)
-    n_fit = int((weights > 0).sum())
+    n_fit, Kd = int((weights > 0).sum()), n_classes * Xt.shape[1]
     batch = max(1, _BATCH_COLUMNS // n_classes)
-    thetas = [_solver.initial(codes, weights, n_classes, Xt.shape[1])[0]]
-    accuracy, n_iter = [], []
+    thetas, accuracy, n_iter = [], [], []
+    state = lam = warm = None
     for i in range(0, len(Cs), batch):  # strong to weak regularization, each batch warm-started
         chunk = Cs[i : i + batch]
-        theta0 = _solver.extrapolate(thetas, Cs[:i], chunk)
-        theta, iters = _solver.solve(obj, chunk, n_fit, theta0, max_iter=max_iter, tol=tol, eig=eig)
-        accuracy += _val_accuracy(obj, theta, X_val, codes_val)
-        thetas = (thetas if i else []) + list(theta)
+        lam_next = _solver.strengths(chunk, n_fit, n_classes, Xt.device)
+        if state is None:
+            theta0 = _solver.initial(codes, weights, n_classes, Xt.shape[1])
+            begin, first = _solver.State.fresh(theta0.expand(len(chunk), -1).clone()), None
+        else:  # the last solution with its f, gradient and pairs, and a first step along the path
+            begin = state.restart(len(state.theta) - 1, float(lam[-1]), lam_next, Kd, True, pairs=False)
+            first = _solver.extrapolate(thetas, Cs[:i], chunk) - begin.theta
+        state, iters = _solver.solve(obj, chunk, n_fit, begin, max_iter=max_iter, tol=tol, eig=eig, first=first)
+        lam = lam_next
+        accuracy += _val_accuracy(obj, state.theta, X_val, codes_val)
+        j = int(np.argmax(accuracy))
+        if j >= i:  # a new best: keep its state (pairs included) to start the final fit
+            warm = (state.restart(j - i, float(lam[j - i]), lam[j - i : j - i + 1], Kd, True), 0, float(lam[j - i]))
+        thetas = (thetas + list(state.theta))[-2:]
         n_iter += iters.tolist()
     best = int(np.argmax(accuracy))
-    result = SweepResult(Cs, accuracy, n_iter, Cs[best], best, time.perf_counter() - start, selection)
-    return result, thetas, eig
+    result = SweepResult(Cs, accuracy, n_iter, Cs[best], best, time.perf_counter() - t0, selection)
+    return result, warm, eig
 
 
 @_serial_when_small
@@ -421,9 +437,9 @@ def select_and_fit(X_train, y_train, Cs=None, *, X_val=None, y_val=None, seed: i
         return probe, SweepResult(Cs, [], [], probe.C, len(Cs) // 2, 0.0, "none")
     classes, codes, weights, X_eval, codes_eval = rows
     _check_finite(X_eval, "X_val")
-    result, thetas, eig = _path(Xt, torch.as_tensor(codes[: len(Xt)], device=device), weights, X_eval,
+    result, warm, eig = _path(Xt, torch.as_tensor(codes[: len(Xt)], device=device), weights, X_eval,
                                 torch.as_tensor(codes_eval, device=device), Cs, len(classes), standardize=standardize,
                                 max_iter=max_iter, tol=tol, selection="holdout" if X_val is None else "val")
     X_all = Xt if X_val is None else Xt.concat(X_eval) if isinstance(Xt, GroupRows) else torch.cat([Xt, X_eval])
-    probe.set_params(C=result.best_C)._fit_tensor(X_all, codes, classes, init=thetas[result.best_index], eig=eig)
+    probe.set_params(C=result.best_C)._fit_tensor(X_all, codes, classes, warm=warm, eig=eig)
     return probe, result
