@@ -14,8 +14,6 @@ import numpy as np
 from backbench.report import render as R
 from backbench.report.leaderboard import Leaderboard
 
-Cell = "str | tuple[str, Any]"  # text, or (text, sort key)
-
 STYLE = """
 *{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;padding:1.5em 2em;
@@ -25,6 +23,7 @@ h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.25em;margin-top:1.8em;border-bot
 table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
 td,th{border:1px solid #d4d4d4;padding:3px 8px;text-align:right;white-space:nowrap}
 td:first-child,th:first-child,td.name,th.name{text-align:left}
+td.name{white-space:normal;min-width:12em;max-width:26em}
 th{background:#f2f2f2;position:sticky;top:0}
 table.sortable th{cursor:pointer}table.sortable th:hover{background:#e4e4e4}
 tr.tied td{background:#eef6fb}
@@ -77,18 +76,21 @@ def _key(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else round(float(v), 6)
 
 
+SHORT = {"zmean": "z mean (BoB)", "rank": "mean rank", "iqm": "IQM"}  # column heads; the caption says more
+
+
 def leaderboard_table(lb: Leaderboard) -> str:
     """Rank, rank interval, backbone, every aggregate with its interval, tasks covered; sortable."""
     st, idx = lb.stats, R.order(lb)
     hows = [lb.ranked_by] + [h for h in R.AGGREGATE_NAMES if h != lb.ranked_by and st is not None]
-    header = ["rank", "rank 95%", "backbone", "≈ #1", *(R.AGGREGATE_NAMES[h] for h in hows), "tasks"]
+    header = ["rank", "rank 95%", "backbone", "≈ #1", *(SHORT[h] for h in hows), "tasks"]
     rows, classes = [], []
     for i in idx:
         b = lb.backbones[i]
         aggs = [(R.aggregate_text(lb, i, h), _key(st.aggregates[h][b].value if st is not None and b in
                                                   st.aggregates.get(h, {}) else lb.aggregate[i])) for h in hows]
         rows.append([(str(lb.rank[i]), int(lb.rank[i])), (R.rank_interval(lb, i), int(lb.rank[i])), b,
-                     R.tied_with_first(lb, i), *aggs, (f"{lb.covered(i)}/{len(lb.tasks)}", lb.covered(i))])
+                     (R.tied_with_first(lb, i), {"#1": 0, "yes": 1, "no": 2}.get(R.tied_with_first(lb, i))), *aggs, (f"{lb.covered(i)}/{len(lb.tasks)}", lb.covered(i))])
         classes.append("tied" if st is not None and b in st.tied_with_first and R.has_intervals(lb) else "")
     return table(header, rows, sortable=True, row_class=classes)
 
@@ -174,7 +176,10 @@ def to_html(lb: Leaderboard, figs: Any = None, title: str = "backbench leaderboa
     else:
         stats_lines = R.statistics_lines(lb)
         body = (f"<h2>Leaderboard</h2>{leaderboard_table(lb)}"
-                f'<p class="caption">Click a column header to sort. {e(stats_lines[0][:1].upper() + stats_lines[0][1:])}</p>'
+                f'<p class="caption">Click a column header to sort. z mean (BoB): the mean over tasks of the '
+                f'z-scores below; mean rank: over the task:dataset columns, 1 = best; IQM: the interquartile '
+                f'mean of min-max normalised scores; tasks: how many tasks the mean covers. '
+                f'{e(stats_lines[0][:1].upper() + stats_lines[0][1:])}</p>'
                 + "".join(f'<p class="stat">{e(s)}</p>' for s in stats_lines[1:2])
                 + f"<h2>z-scores per task</h2>{zscore_table(lb)}<p class='caption'>{e(R.Z_SENTENCE)}</p>"
                 f"<h2>Main metric per task:dataset</h2>{metric_table(lb)}"
