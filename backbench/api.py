@@ -157,18 +157,24 @@ def battle(config: Any = None, *, cache: Any = None, memory_limit: int | str | N
     return run_battle(cfg, store, memory_limit=memory_limit)
 
 
-def report(cache: Any = None, *, format: str = "markdown") -> str:
-    """The leaderboard of a cache's results as text: ``markdown``, ``csv``, ``json`` or ``html``."""
-    from backbench.report.leaderboard import build, cost_table
-    from backbench.report.render import figures, to_csv, to_html, to_json, to_markdown
+def report(cache: Any = None, *, format: str = "markdown", bootstrap: int = 1000, aggregate: str = "zmean",
+           seed: int = 0) -> str:
+    """The leaderboard of a cache's results as text: ``markdown``, ``csv``, ``json``, ``html`` or
+    ``latex``, ranked by ``aggregate`` (zmean, rank or iqm) with 95 % intervals from ``bootstrap``
+    resamples of the records' outcomes (0: none), seeded by ``seed``."""
+    from backbench.errors import OptionError
+    from backbench.report import render
+    from backbench.report.cost import cost_table
+    from backbench.report.figures import figures
+    from backbench.report.leaderboard import build
     from backbench.store.results import ResultsLog
 
+    formats = {"markdown": render.to_markdown, "csv": render.to_csv, "json": render.to_json,
+               "latex": render.to_latex, "html": None}
+    if format not in formats:
+        raise OptionError(f"format {format!r}: use one of {', '.join(formats)}")
     records = ResultsLog(_cache(cache, "r")).records()
-    board = build(records)
-    render = {"markdown": to_markdown, "csv": to_csv, "json": to_json,
-              "html": lambda b: to_html(b, figures(b, cost_table(records)))}
-    if format not in render:
-        from backbench.errors import BackbenchError
-
-        raise BackbenchError(f"format {format!r}: use one of {', '.join(render)}")
-    return render[format](board)
+    board = build(records, bootstrap=bootstrap, aggregate=aggregate, seed=seed)
+    if format == "html":
+        return render.to_html(board, figures(board, cost_table(records), formats=("svg",)))
+    return formats[format](board)

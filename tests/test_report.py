@@ -40,6 +40,17 @@ def with_intervals(lb, half: dict[tuple[str, str], float]):
     for (b, c), h in half.items():
         v = float(lb.values[lb.backbones.index(b), lb.columns.index(c)])
         lb.stats.cells[(b, c)] = Interval(v, v - h, v + h, n=100)
+    for b, (rank, low, high) in lb.stats.rank.items():  # the build had nothing to resample: no rank intervals
+        lb.stats.rank[b] = (rank, rank if low is None else low, rank if high is None else high)
+    for how, per in lb.stats.aggregates.items():
+        for b, iv in per.items():
+            if iv.low is None:
+                per[b] = Interval(iv.value, iv.value - 0.1, iv.value + 0.1)
+    lb.stats.score = lb.stats.aggregates[lb.ranked_by]
+    if not lb.stats.prob_beats.size:
+        a = lb.aggregate
+        lb.stats.prob_beats = (a[:, None] > a[None, :]) + 0.5 * (a[:, None] == a[None, :])
+        np.fill_diagonal(lb.stats.prob_beats, np.nan)
     return lb
 
 

@@ -181,7 +181,7 @@ def test_old_records_without_outcomes_show_no_interval():
     lb = build(recs, bootstrap=200)
     assert lb.stats.cells[("a", "probe:d")].low is None
     assert any("no per-sample outcomes" in n for n in lb.stats.notes)
-    assert lb.stats.rank["a"] == (1, 1, 1)  # held fixed: no uncertainty to show
+    assert lb.stats.rank["a"] == (1, None, None)  # nothing resampled: no interval to show
 
 
 def test_outcomes_that_disagree_with_the_record_give_no_interval(toy_accuracy_task):
@@ -218,3 +218,16 @@ def test_stability_names_the_task_whose_removal_reorders():
     keep = [j for j, c in enumerate(lb.columns) if not c.startswith("retrieval")]
     loo = S.ranks_of(S.zmean(lb.values[:, keep], [0, 1], 2))
     assert st["min"] == pytest.approx(kendalltau(full, loo).statistic)
+
+
+def test_column_ties_are_paired_differences_to_the_best(toy_accuracy_task):
+    recs, outcomes = _records({"a": [0.9], "b": [0.9], "c": [0.5]}, n=400, seed=2)
+    st = build(recs, outcomes=outcomes, bootstrap=300).stats
+    assert set(st.column_ties["toy-acc:d0"]) == {"a", "b"}
+
+
+def test_without_any_outcomes_there_are_no_degenerate_intervals():
+    recs = [{"task": "probe", "backbone": b, "dataset": "d", "metrics": {"top1": v}, "params": {}, "seed": 0,
+             "created": "2026"} for b, v in (("a", 0.7), ("b", 0.6))]
+    data = build(recs, bootstrap=100).to_dict()
+    assert all(r["rank_low"] is None and r["ci_low"] is None for r in data["ranking"])

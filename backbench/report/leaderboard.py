@@ -127,7 +127,7 @@ class Leaderboard:
                 "pairwise": {"backbones": self.backbones, "prob_beats": square(st.prob_beats),
                              "friedman": st.friedman, "wilcoxon_holm_p": square(st.posthoc),
                              "mean_ranks": {b: _num(v) for b, v in st.mean_ranks.items()},
-                             "not_separable_from_first": st.tied_with_first},
+                             "not_separable_from_first": st.tied_with_first, "column_ties": st.column_ties},
                 "stability": st.stability,
                 "fewshot_bands": {b: {str(k): {"mean": _num(v.value), "std": _num(v.std), "ci_low": _num(v.low),
                                                "ci_high": _num(v.high)} for k, v in c.items()}
@@ -280,23 +280,3 @@ def provenance(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["records"] += 1
         entry["last"] = max(entry["last"] or "", r.get("created") or "")
     return sorted(seen.values(), key=lambda e: (e["backbone"], str(e["cache"])))
-
-
-def cost_table(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per backbone: parameters and extraction images/s, read from the records' caches."""
-    from backbench.store.cache import Cache
-
-    out: dict[str, dict[str, float]] = {}
-    for path in sorted({r.get("cache") for r in records if r.get("cache")}):
-        try:
-            groups = list(Cache(path, mode="r").groups())
-        except Exception:  # a cache that moved: the report still renders, without cost
-            continue
-        for g in groups:
-            a = g.attrs
-            entry = out.setdefault(a["backbone"], {})
-            entry["n_params"] = float(a.get("backbone_info", {}).get("n_params") or 0) or entry.get("n_params", 0)
-            ips = a.get("extraction", {}).get("images_per_s")
-            if ips:
-                entry["images_per_s"] = max(float(ips), entry.get("images_per_s", 0.0))
-    return out

@@ -57,8 +57,10 @@ class Statistics:
     cells: dict[tuple[str, str], Interval] = field(default_factory=dict)  # (backbone, task:dataset)
     score: dict[str, Interval] = field(default_factory=dict)  # backbone -> the ranking aggregate
     aggregates: dict[str, dict[str, Interval]] = field(default_factory=dict)  # zmean/rank/iqm -> backbone -> value
-    rank: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # backbone -> (rank, low, high)
+    rank: dict[str, tuple[int, int | None, int | None]] = field(default_factory=dict)  # backbone -> (rank, low, high)
     tied_with_first: list[str] = field(default_factory=list)  # not separable from #1 (#1 included)
+    # per column: the backbones whose paired difference to the column's best has an interval containing 0
+    column_ties: dict[str, list[str]] = field(default_factory=dict)
     prob_beats: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [a, b]: P(a ranks above b)
     friedman: dict[str, Any] | None = None  # {statistic, pvalue, blocks} or {note} where it cannot run
     posthoc: np.ndarray | None = None  # Holm-adjusted Wilcoxon p-values [a, b] (None: fewer than 3 backbones / no extra)
@@ -305,10 +307,30 @@ def compute(lb: Any, cell_records: dict[tuple[str, str], list[dict[str, Any]]],
                         f"its outcomes (or their cache is not at hand); held fixed in the rank intervals")
     st.fewshot = fewshot_bands(curves)
     task_of = [lb.tasks.index(c.split(":")[0]) for c in lb.columns]
+    st.column_ties = column_ties(lb, R, resampled)
     _aggregates(st, lb, R, task_of)
+    if not resampled:  # nothing varies: intervals would collapse onto the values, so there are none
+        st.aggregates = {how: {b: Interval(v.value) for b, v in per.items()} for how, per in st.aggregates.items()}
+        st.score = st.aggregates[st.aggregate]
+        st.rank = {b: (r[0], None, None) for b, r in st.rank.items()}
+        st.tied_with_first, st.prob_beats = [], np.zeros((0, 0))
     _pairwise(st, lb)
     st.stability = stability(lb, aggregate, task_of)
     return st
+
+
+def column_ties(lb: Any, R: np.ndarray, resampled: dict[str, dict]) -> dict[str, list[str]]:
+    """Per resampled column, its best backbone and those whose paired difference to it (same
+    resampled positions) has a 95 % interval that contains 0."""
+    tail = (1 - LEVEL) / 2
+    out: dict[str, list[str]] = {}
+    for c, cells in resampled.items():
+        j = lb.columns.index(c)
+        rows = [lb.backbones.index(b) for b in cells]
+        best = max(rows, key=lambda i: lb.values[i, j])
+        out[c] = [lb.backbones[i] for i in rows
+                  if i == best or np.quantile(R[best, j] - R[i, j], tail) <= 0]
+    return out
 
 
 def fewshot_bands(curves: dict[tuple[str, int], list[tuple[np.ndarray, list[float]]]]) -> dict[str, dict[int, Interval]]:
