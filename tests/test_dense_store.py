@@ -188,3 +188,18 @@ def test_two_writers_at_once_write_the_labels_once(cache_path):
         list(pool.map(lambda _: write_dense_labels(Cache(cache_path), "r", "val", Ragged(n=40)), range(2)))
     labels = read_dense_labels(Cache(cache_path, mode="r"), "r", "val").verify()
     np.testing.assert_array_equal(labels.mask(39), Ragged(n=40).mask(39))
+
+
+def test_refused_dense_labels_leave_no_empty_feature_group(tmp_path):
+    """Labels of shapes/test written from 20 images; extracting 30 into the same (dataset, split)
+    is refused in one line, and no empty feature group is left behind to be misread later."""
+    import backbench
+    from backbench.errors import CacheMismatch
+
+    path = str(tmp_path / "c.zarr")
+    backbench.extract("timm:test_resnet@random", "shapes", dataset="shapes", split="test", cache=path, limit=20,
+                      workers=0)
+    with pytest.raises(CacheMismatch, match="dense labels of another source"):
+        backbench.extract("timm:test_efficientnet@random", "shapes", dataset="shapes", split="test", cache=path,
+                          limit=30, workers=0)
+    assert [g.attrs["backbone"] for g in Cache(path).groups()] == ["timm:test_resnet@random"]

@@ -270,12 +270,12 @@ def extract(
         attrs["backbone_info"] = {**attrs["backbone_info"], "gflops": forward_gflops(model)}
     if cache.is_url and shard[0] > 0:  # no locks at URLs: shard 0 alone creates the group
         await_group(cache, attrs, len(src), shard, on_wait)
+    dense = _dense_labels(cache, src, dataset, split, shard, overwrite)  # first: refused labels leave no empty group
     with _held_groups(cache, model, src, attrs, kinds, view, shard=shard, overwrite=overwrite,
                       chunk_rows=chunk_rows, batch_size=batch_size, on_wait=on_wait, map_grid=map_grid) as groups:
         batches = plan_batches(list(groups.values()), batch_size, shard)
         if batches and on_plan and maps:
             on_plan(size_line(sum(map(len, batches)), {k: g.attrs["map_shape"] for k, g in groups.items()}, dtype))
-        dense = _dense_labels(cache, src, dataset, split, shard, overwrite)
         result = _extract_pending(model, groups, src, batches, batch_size=batch_size, device=device,
                                   workers=workers, on_error=on_error, progress=progress, decode=decode,
                                   compile=compile, view=view, map_grid=map_grid)
