@@ -153,18 +153,12 @@ def zscores(values: np.ndarray) -> np.ndarray:
     """Column-wise z-scores across rows (population std), ignoring NaN; constant columns give 0.
 
     Missing values stay NaN, and so does a column with fewer than two values (a z-score
-    compares a backbone with the others; alone, it has none).
+    compares a backbone with the others; alone, it has none). One implementation with the
+    bootstrap's replicates: :func:`backbench.report.stats.zscore_columns`.
     """
-    import warnings
+    from backbench.report.stats import zscore_columns
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        mean = np.nanmean(values, axis=0, keepdims=True)
-        std = np.nanstd(values, axis=0, keepdims=True)
-    z = np.divide(values - mean, std, out=np.zeros_like(values), where=std > 0)
-    z[np.isnan(values)] = np.nan
-    z[:, np.isfinite(values).sum(axis=0) < 2] = np.nan
-    return z
+    return zscore_columns(values)
 
 
 def build(records: Iterable[dict[str, Any]], *, bootstrap: int = 1000, aggregate: str = "zmean", seed: int = 0,
